@@ -1,0 +1,662 @@
+#!/usr/bin/env python3
+"""Regenerate every test fixture under fixtures/ (run from the repo root).
+
+    python scripts/gen_fixtures.py            # everything
+    python scripts/gen_fixtures.py digits kge # only some groups
+
+Requirements: torch (CPU), onnx, onnxruntime, onnxscript, safetensors, numpy,
+scikit-learn (for its bundled `load_digits`, no download), ml_dtypes.
+
+What it makes, and why:
+
+fixtures/digits/
+    A small MLP  fc1: Linear(64,64) -> bn: BatchNorm1d(64) -> ReLU -> fc2: Linear(64,10)
+    trained on a deliberately tiny subset of scikit-learn's digits with a high
+    learning rate, so validation accuracy fluctuates between epochs and the ASWA
+    run exercises hard, soft and reject decisions.
+    checkpoints/epoch_{1..15}.safetensors  state_dict after each epoch (NOT
+        zero-padded: the tool must order epoch_2 before epoch_10). They contain
+        BatchNorm's float running_mean/running_var and the int64 0-dim
+        `bn.num_batches_tracked` (never averaged, absent from the ONNX graph).
+    model.onnx + model.onnx.data  real `torch.onnx.export(dynamo=True,
+        optimize=False)` export, dynamic batch, input `x` [batch,64] f32, output
+        `logits` [batch,10]. torch's default puts the two weight matrices in the
+        external-data file and keeps small tensors inline: a mixed model.
+    inline/model.onnx  the same model with every initializer inline.
+    val.npz (x f32 [437,64] in [0,1], y int64 [437]); val_compressed.npz (same
+        arrays, np.savez_compressed); test.npz (disjoint, 437 rows).
+        437 is not a multiple of 64 or 256: partial batches are exercised.
+    expected/aswa_{accuracy,cross_entropy,accuracy_ties}.json and the final
+        averaged weights expected/aswa_{accuracy,cross_entropy}.safetensors.
+
+fixtures/digits_f16/, fixtures/digits_bf16/
+    The same checkpoints with float tensors converted to float16 / bfloat16
+    (`num_batches_tracked` stays int64). There is no model copy: use
+    --model fixtures/digits/model.onnx --val fixtures/digits/val.npz (the ONNX
+    initializers are f32; candidates are averaged in f64, rounded once to
+    f16/bf16, then widened to f32 for scoring). Expected json + final weights.
+
+fixtures/kge/
+    A DistMult knowledge-graph embedding model (40 entities, 4 relations, dim 16)
+    on a synthetic graph, 10 epoch checkpoints. ONNX inputs `h`, `r` int64
+    [batch], output `scores` f32 [batch,40]. val.npz (h, r, y) and filter.npz
+    (CSR indptr/indices: per val row the OTHER true tails of (h, r) in the whole
+    graph). Expected: mrr with the filter, hits@3 without it.
+
+fixtures/exports/
+    Exports that the tool must reject (plus one that it must accept):
+    cnn_checkpoints/epoch_{1,2}.safetensors  tiny CNN conv: Conv2d(1,4,3,p=1) ->
+        bn: BatchNorm2d(4) -> ReLU -> flatten -> fc: Linear(256,10) on 8x8 digits.
+    cnn.onnx          dynamo=True, optimize=False: BatchNormalization kept, names
+                      equal the state_dict keys (positive control).
+    fused_bn.onnx     dynamo=True, optimize=True: BN folded into the conv; the
+                      initializers are STILL named conv.weight/conv.bias (but hold
+                      fused values) and bn.* are gone; plus an int64 Reshape-shape
+                      constant initializer.
+    fused_bn_legacy.onnx  legacy exporter (dynamo=False, constant folding, eval):
+                      BN folded into the conv, initializers renamed onnx::Conv_*.
+    folded.onnx + folded_checkpoints/epoch_{1,2}.safetensors  legacy exporter
+                      with constant folding on a model whose fc1 Linear is applied
+                      to a 3-D input: fc1.weight is transposed and folded into an
+                      `onnx::MatMul_*` initializer.
+    val_images.npz    x f32 [101,1,8,8], y int64 [101] for the CNN.
+    All export files here are saved with every initializer inline (single file).
+
+The expected ASWA results are computed by scripts/reference_aswa.py (numpy +
+onnxruntime, independent of the Rust code). Training is deterministic on CPU
+(fixed seeds, one thread), but bit-exact reproduction across CPUs/torch versions
+is not guaranteed: the committed files are the source of truth, and the
+expectations can be recomputed from them with reference_aswa.py's CLI.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import warnings
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import reference_aswa as ref  # noqa: E402
+
+ROOT = os.path.dirname(HERE)
+FIX = os.path.join(ROOT, "fixtures")
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+from safetensors.torch import save_file, load_file  # noqa: E402
+import onnx  # noqa: E402
+
+torch.set_num_threads(1)
+torch.use_deterministic_algorithms(True)
+warnings.filterwarnings("ignore", category=DeprecationWarning)
+warnings.filterwarnings("ignore", category=UserWarning)
+try:
+    import logging
+
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+except Exception:
+    pass
+
+N_VAL = 437
+N_TEST = 437
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+def fresh_dir(path):
+    if os.path.exists(path):
+        shutil.rmtree(path)
+    os.makedirs(path)
+
+
+def rel(p):
+    return os.path.relpath(p, ROOT)
+
+
+def onnx_summary(path):
+    m = onnx.load(path, load_external_data=False)
+    inits = []
+    for i in m.graph.initializer:
+        ext = i.data_location == onnx.TensorProto.EXTERNAL
+        inits.append((i.name, onnx.helper.tensor_dtype_to_np_dtype(i.data_type).name, list(i.dims), "external" if ext else "inline"))
+    init_names = {i.name for i in m.graph.initializer}
+
+    def vi(v):
+        t = v.type.tensor_type
+        dims = [d.dim_param if d.dim_param else d.dim_value for d in t.shape.dim]
+        return (v.name, onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name, dims)
+
+    return {
+        "initializers": inits,
+        "inputs": [vi(v) for v in m.graph.input if v.name not in init_names],
+        "outputs": [vi(v) for v in m.graph.output],
+        "ops": [n.op_type for n in m.graph.node],
+        "opset": [(o.domain, o.version) for o in m.opset_import],
+    }
+
+
+def print_summary(path):
+    s = onnx_summary(path)
+    log(f"  {rel(path)}: opset {s['opset']}")
+    log(f"    inputs  {s['inputs']}")
+    log(f"    outputs {s['outputs']}")
+    log(f"    ops     {s['ops']}")
+    for i in s["initializers"]:
+        log(f"    init    {i}")
+    return s
+
+
+def export_quiet(*args, **kw):
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        return torch.onnx.export(*args, **kw)
+
+
+def save_inline(src, dst):
+    m = onnx.load(src, load_external_data=True)
+    for t in m.graph.initializer:
+        del t.external_data[:]
+        t.data_location = onnx.TensorProto.DEFAULT
+    onnx.save_model(m, dst, save_as_external_data=False)
+
+
+def save_state(model, path):
+    sd = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    save_file(sd, path)
+
+
+def run_ref(ckpt_dir, model, val, metric, out_json, out_weights=None, accept_ties=False, filt=None):
+    result, final = ref.run_aswa(ckpt_dir, model, val, metric, accept_ties=accept_ties, filter_path=filt)
+    ref.write_json(out_json, result)
+    if out_weights:
+        ref.write_safetensors(out_weights, final)
+        # the safetensors library must read our writer's output back unchanged
+        back = load_file(out_weights)
+        for k, v in final.items():
+            tb = back[k]
+            if v.dtype == ref.BF16:
+                same = np.array_equal(tb.view(torch.int16).numpy().view(np.uint16), v.view(np.uint16))
+            else:
+                same = np.array_equal(tb.numpy(), v)
+            assert same, k
+    dec = " ".join(s["decision"] for s in result["steps"])
+    log(f"  {rel(out_json)}: {dec}  -> members {result['members']} val_score={result['val_score']:.6f}")
+    return result, final
+
+
+# ---------------------------------------------------------------------------
+# digits
+# ---------------------------------------------------------------------------
+
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(64, 64)
+        self.bn = nn.BatchNorm1d(64)
+        self.fc2 = nn.Linear(64, 10)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.bn(self.fc1(x))))
+
+
+def digits_split():
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = (d.data / 16.0).astype(np.float32)
+    y = d.target.astype(np.int64)
+    perm = np.random.default_rng(20240601).permutation(len(y))
+    val = perm[:N_VAL]
+    test = perm[N_VAL : N_VAL + N_TEST]
+    train_pool = perm[N_VAL + N_TEST :]
+    return x, y, val, test, train_pool
+
+
+DIGITS = dict(n_train=100, epochs=15, lr=0.1, momentum=0.9, batch=10, seed=2, noise=0.3)
+
+
+def gen_digits():
+    log("== digits")
+    out = os.path.join(FIX, "digits")
+    fresh_dir(out)
+    ck = os.path.join(out, "checkpoints")
+    os.makedirs(ck)
+    x, y, val, test, pool = digits_split()
+    np.savez(os.path.join(out, "val.npz"), x=x[val], y=y[val])
+    np.savez_compressed(os.path.join(out, "val_compressed.npz"), x=x[val], y=y[val])
+    np.savez(os.path.join(out, "test.npz"), x=x[test], y=y[test])
+
+    p = DIGITS
+    torch.manual_seed(p["seed"])
+    g = torch.Generator().manual_seed(p["seed"])
+    tr = pool[: p["n_train"]]
+    xt = torch.from_numpy(x[tr])
+    yt = torch.from_numpy(y[tr])
+    model = MLP()
+    opt = torch.optim.SGD(model.parameters(), lr=p["lr"], momentum=p["momentum"])
+    xv = torch.from_numpy(x[val])
+    for ep in range(1, p["epochs"] + 1):
+        model.train()
+        order = torch.randperm(len(tr), generator=g)
+        for s in range(0, len(tr), p["batch"]):
+            idx = order[s : s + p["batch"]]
+            xb = xt[idx] + p["noise"] * torch.randn(len(idx), 64, generator=g)
+            loss = nn.functional.cross_entropy(model(xb), yt[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        save_state(model, os.path.join(ck, f"epoch_{ep}.safetensors"))
+        model.eval()
+        with torch.no_grad():
+            acc = (model(xv).argmax(1).numpy() == y[val]).mean()
+        log(f"  epoch {ep:2d} train loss {loss.item():.4f} val acc {acc:.4f}")
+
+    # real export, eval mode, torch defaults for external data
+    model.eval()
+    sd_keys = list(model.state_dict().keys())
+    mpath = os.path.join(out, "model.onnx")
+    export_quiet(model, (torch.from_numpy(x[val[:5]]),), mpath, dynamo=True, optimize=False,
+                 input_names=["x"], output_names=["logits"],
+                 dynamic_shapes={"x": {0: torch.export.Dim("batch")}})
+    s = print_summary(mpath)
+    names = [i[0] for i in s["initializers"]]
+    float_keys = [k for k in sd_keys if model.state_dict()[k].is_floating_point()]
+    assert sorted(names) == sorted(float_keys), (names, float_keys)
+    log(f"  state_dict keys {sd_keys}")
+    log(f"  initializer names == float state_dict keys: OK; files {sorted(os.listdir(out))}")
+    os.makedirs(os.path.join(out, "inline"))
+    save_inline(mpath, os.path.join(out, "inline", "model.onnx"))
+
+    # the exported graph reproduces torch on the validation set
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(mpath, providers=["CPUExecutionProvider"])
+    o = sess.run(["logits"], {"x": x[val]})[0]
+    with torch.no_grad():
+        t = model(torch.from_numpy(x[val])).numpy()
+    log(f"  onnx vs torch max |diff| {np.abs(o - t).max():.3g}")
+
+    # our safetensors reader agrees with the library
+    for f in os.listdir(ck):
+        a = ref.read_safetensors(os.path.join(ck, f))
+        b = load_file(os.path.join(ck, f))
+        assert set(a) == set(b) and all(np.array_equal(a[k][1], b[k].numpy()) for k in a), f
+
+    ex = os.path.join(out, "expected")
+    os.makedirs(ex)
+    v = os.path.join(out, "val.npz")
+    res = {}
+    res["accuracy"] = run_ref(ck, mpath, v, "accuracy", os.path.join(ex, "aswa_accuracy.json"),
+                              os.path.join(ex, "aswa_accuracy.safetensors"))[0]
+    res["cross-entropy"] = run_ref(ck, mpath, v, "cross-entropy", os.path.join(ex, "aswa_cross_entropy.json"),
+                                   os.path.join(ex, "aswa_cross_entropy.safetensors"))[0]
+    res["ties"] = run_ref(ck, mpath, v, "accuracy", os.path.join(ex, "aswa_accuracy_ties.json"), accept_ties=True)[0]
+    decs = {s["decision"] for s in res["accuracy"]["steps"]}
+    assert {"hard", "soft", "reject"} <= decs, f"accuracy run lacks a decision kind: {decs}"
+    return res
+
+
+def gen_digits_lowp():
+    import ml_dtypes
+
+    res = {}
+    src = os.path.join(FIX, "digits", "checkpoints")
+    mpath = os.path.join(FIX, "digits", "model.onnx")
+    v = os.path.join(FIX, "digits", "val.npz")
+    for tag, tdt in (("f16", torch.float16), ("bf16", torch.bfloat16)):
+        log(f"== digits_{tag}")
+        out = os.path.join(FIX, f"digits_{tag}")
+        fresh_dir(out)
+        ck = os.path.join(out, "checkpoints")
+        os.makedirs(ck)
+        for f in sorted(os.listdir(src)):
+            sd = load_file(os.path.join(src, f))
+            sd = {k: (t.to(tdt) if t.is_floating_point() else t) for k, t in sd.items()}
+            save_file(sd, os.path.join(ck, f))
+        ex = os.path.join(out, "expected")
+        os.makedirs(ex)
+        r, final = run_ref(ck, mpath, v, "accuracy", os.path.join(ex, "aswa_accuracy.json"),
+                           os.path.join(ex, "aswa_accuracy.safetensors"))
+        r2, _ = run_ref(ck, mpath, v, "cross-entropy", os.path.join(ex, "aswa_cross_entropy.json"))
+        res[tag] = (r, r2)
+        # how many final-weight elements would differ with the (wrong) double
+        # rounding f64 -> f32 -> f16/bf16?  Informational only.
+        names = r["members"]
+        cks = [ref.read_safetensors(os.path.join(ck, n)) for n in names]
+        diff = total = 0
+        for k, (st, _) in cks[0].items():
+            if st not in ref.FLOAT_ST:
+                continue
+            acc = sum(c[k][1].astype(np.float64) for c in cks) / len(cks)
+            dr = acc.astype(np.float32).astype(np.float16 if tag == "f16" else ml_dtypes.bfloat16)
+            diff += int(np.sum(dr.view(np.uint16) != final[k].view(np.uint16)))
+            total += acc.size
+        log(f"  double-rounding (f64->f32->{tag}) would change {diff}/{total} final elements")
+    return res
+
+
+# ---------------------------------------------------------------------------
+# kge
+# ---------------------------------------------------------------------------
+
+
+class DistMult(nn.Module):
+    def __init__(self, n_ent, n_rel, dim):
+        super().__init__()
+        self.ent = nn.Embedding(n_ent, dim)
+        self.rel = nn.Embedding(n_rel, dim)
+        nn.init.normal_(self.ent.weight, std=0.3)
+        nn.init.normal_(self.rel.weight, std=0.3)
+
+    def forward(self, h, r):
+        return (self.ent(h) * self.rel(r)) @ self.ent.weight.t()
+
+
+KGE = dict(n_ent=40, n_rel=4, dim=16, epochs=10, lr=0.03, batch=32, seed=7, n_val=53)
+
+
+def kge_graph(p):
+    rng = np.random.default_rng(p["seed"])
+    n = p["n_ent"]
+    triples = set()
+    for r in range(p["n_rel"]):
+        # symmetric-ish relation: entities fall into clusters; tails are other
+        # members of the head's cluster (learnable by DistMult) plus noise
+        n_clusters = [5, 8, 4, 10][r % 4]
+        cl = rng.integers(0, n_clusters, size=n)
+        for h in range(n):
+            if rng.random() < 0.35:
+                continue
+            same = np.flatnonzero((cl == cl[h]) & (np.arange(n) != h))
+            k = min(len(same), int(rng.integers(1, 4)))
+            for t in rng.choice(same, size=k, replace=False) if k else []:
+                triples.add((h, r, int(t)))
+            if rng.random() < 0.15:
+                triples.add((h, r, int(rng.integers(0, n))))
+    return np.array(sorted(triples), dtype=np.int64)
+
+
+def gen_kge():
+    log("== kge")
+    p = KGE
+    out = os.path.join(FIX, "kge")
+    fresh_dir(out)
+    ck = os.path.join(out, "checkpoints")
+    os.makedirs(ck)
+    trip = kge_graph(p)
+    rng = np.random.default_rng(p["seed"] + 1)
+    perm = rng.permutation(len(trip))
+    val = trip[np.sort(perm[: p["n_val"]])]
+    train = trip[perm[p["n_val"] :]]
+    log(f"  {len(trip)} triples, {len(train)} train, {len(val)} val")
+    np.savez(os.path.join(out, "val.npz"), h=val[:, 0], r=val[:, 1], y=val[:, 2])
+    allt = {}
+    for h, r, t in trip:
+        allt.setdefault((int(h), int(r)), set()).add(int(t))
+    indptr = [0]
+    indices = []
+    for h, r, t in val:
+        others = sorted(allt[(int(h), int(r))] - {int(t)})
+        indices += others
+        indptr.append(len(indices))
+    np.savez(os.path.join(out, "filter.npz"), indptr=np.array(indptr, dtype=np.int64),
+             indices=np.array(indices, dtype=np.int64))
+    log(f"  filter: {len(indices)} excluded entries over {len(val)} rows")
+
+    torch.manual_seed(p["seed"])
+    g = torch.Generator().manual_seed(p["seed"])
+    model = DistMult(p["n_ent"], p["n_rel"], p["dim"])
+    opt = torch.optim.Adam(model.parameters(), lr=p["lr"])
+    # 1-N training with multi-label targets from the training triples
+    keys = sorted({(int(h), int(r)) for h, r, _ in train})
+    tgt = torch.zeros(len(keys), p["n_ent"])
+    kidx = {k: i for i, k in enumerate(keys)}
+    for h, r, t in train:
+        tgt[kidx[(int(h), int(r))], int(t)] = 1.0
+    hk = torch.tensor([k[0] for k in keys])
+    rk = torch.tensor([k[1] for k in keys])
+    for ep in range(1, p["epochs"] + 1):
+        order = torch.randperm(len(keys), generator=g)
+        for s in range(0, len(keys), p["batch"]):
+            i = order[s : s + p["batch"]]
+            loss = nn.functional.binary_cross_entropy_with_logits(model(hk[i], rk[i]), tgt[i])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        save_state(model, os.path.join(ck, f"epoch_{ep}.safetensors"))
+        with torch.no_grad():
+            sc = model(torch.from_numpy(val[:, 0]), torch.from_numpy(val[:, 1])).numpy()
+        m = ref.compute_metric("mrr", sc, val[:, 2], (np.array(indptr), np.array(indices)))
+        log(f"  epoch {ep:2d} loss {loss.item():.4f} filtered val mrr {m:.4f}")
+
+    model.eval()
+    mpath = os.path.join(out, "model.onnx")
+    b = torch.export.Dim("batch")
+    export_quiet(model, (torch.tensor([0, 1, 2]), torch.tensor([0, 1, 3])), mpath, dynamo=True, optimize=False,
+                 input_names=["h", "r"], output_names=["scores"], dynamic_shapes={"h": {0: b}, "r": {0: b}})
+    s = print_summary(mpath)
+    names = sorted(i[0] for i in s["initializers"])
+    assert names == sorted(model.state_dict()), names
+    log(f"  files {sorted(os.listdir(out))}")
+    ex = os.path.join(out, "expected")
+    os.makedirs(ex)
+    v = os.path.join(out, "val.npz")
+    res = {}
+    res["mrr"] = run_ref(ck, mpath, v, "mrr", os.path.join(ex, "aswa_mrr_filtered.json"),
+                         os.path.join(ex, "aswa_mrr_filtered.safetensors"), filt=os.path.join(out, "filter.npz"))[0]
+    res["hits@3"] = run_ref(ck, mpath, v, "hits@3", os.path.join(ex, "aswa_hits3.json"))[0]
+    return res
+
+
+# ---------------------------------------------------------------------------
+# broken exports
+# ---------------------------------------------------------------------------
+
+
+class CNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4 * 8 * 8, 10)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(torch.relu(self.bn(self.conv(x))), 1))
+
+
+class Rows(nn.Module):
+    """Linear applied to a 3-D tensor: the legacy exporter folds W^T into onnx::MatMul_*."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(8, 16)
+        self.fc2 = nn.Linear(16 * 8, 10)
+
+    def forward(self, x):
+        h = torch.relu(self.fc1(x.reshape(-1, 8, 8)))
+        return self.fc2(h.reshape(h.shape[0], -1))
+
+
+def _train_small(model, x, y, ck, epochs, seed):
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for ep in range(1, epochs + 1):
+        model.train()
+        order = torch.randperm(len(y), generator=g)
+        for s in range(0, len(y), 16):
+            i = order[s : s + 16]
+            loss = nn.functional.cross_entropy(model(x[i]), y[i])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        save_state(model, os.path.join(ck, f"epoch_{ep}.safetensors"))
+    model.eval()
+
+
+def gen_exports():
+    log("== exports")
+    out = os.path.join(FIX, "exports")
+    fresh_dir(out)
+    x, y, val, test, pool = digits_split()
+    tr = pool[:200]
+    xi = torch.from_numpy(x[tr].reshape(-1, 1, 8, 8))
+    yt = torch.from_numpy(y[tr])
+    np.savez(os.path.join(out, "val_images.npz"), x=x[val[:101]].reshape(-1, 1, 8, 8), y=y[val[:101]])
+    res = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(11)
+        cnn = CNN()
+        ck = os.path.join(out, "cnn_checkpoints")
+        os.makedirs(ck)
+        _train_small(cnn, xi, yt, ck, 2, 11)
+        dummy = (torch.from_numpy(x[val[:5]].reshape(-1, 1, 8, 8)),)
+        dyn = {"x": {0: torch.export.Dim("batch")}}
+        for name, kw in (("cnn", dict(dynamo=True, optimize=False, dynamic_shapes=dyn)),
+                         ("fused_bn", dict(dynamo=True, optimize=True, dynamic_shapes=dyn)),
+                         ("fused_bn_legacy", dict(dynamo=False, do_constant_folding=True,
+                                                  training=torch.onnx.TrainingMode.EVAL,
+                                                  dynamic_axes={"x": {0: "batch"}}))):
+            tp = os.path.join(tmp, name + ".onnx")
+            export_quiet(cnn, dummy, tp, input_names=["x"], output_names=["logits"], **kw)
+            save_inline(tp, os.path.join(out, name + ".onnx"))
+            res[name] = print_summary(os.path.join(out, name + ".onnx"))
+
+        torch.manual_seed(12)
+        rows = Rows()
+        ck2 = os.path.join(out, "folded_checkpoints")
+        os.makedirs(ck2)
+        _train_small(rows, torch.from_numpy(x[tr]), yt, ck2, 2, 12)
+        tp = os.path.join(tmp, "folded.onnx")
+        export_quiet(rows, (torch.from_numpy(x[val[:5]]),), tp, dynamo=False, do_constant_folding=True,
+                     input_names=["x"], output_names=["logits"], dynamic_axes={"x": {0: "batch"}})
+        save_inline(tp, os.path.join(out, "folded.onnx"))
+        res["folded"] = print_summary(os.path.join(out, "folded.onnx"))
+    # positive control scores with the reference
+    r, _ = ref.run_aswa(ck, os.path.join(out, "cnn.onnx"), os.path.join(out, "val_images.npz"), "accuracy")
+    log(f"  cnn.onnx reference run: {[s['decision'] for s in r['steps']]} val_score={r['val_score']:.4f}")
+    return res
+
+
+# ---------------------------------------------------------------------------
+
+README_HEAD = """# Test fixtures
+
+Everything in this directory is generated by
+
+    python scripts/gen_fixtures.py            # from the repo root; ~15 s on 2 CPU cores
+
+(torch CPU, onnx, onnxruntime 1.31, onnxscript, safetensors, numpy, scikit-learn,
+ml_dtypes). The expected results are computed by the independent Python reference
+`scripts/reference_aswa.py` (numpy + onnxruntime; shares no code with the Rust
+tool). Training is seeded and single-threaded, but bit-exact regeneration on a
+different CPU / torch version is not guaranteed, so the committed files are the
+source of truth; re-derive any expectation from them with, e.g.
+
+    python scripts/reference_aswa.py fixtures/digits/checkpoints \\
+        --model fixtures/digits/model.onnx --val fixtures/digits/val.npz \\
+        --metric accuracy --out fixtures/digits/expected/aswa_accuracy.json \\
+        --out-weights fixtures/digits/expected/aswa_accuracy.safetensors
+
+Expected JSON fields: `metric`, `higher_is_better`, `accept_ties`, `checkpoints`
+(names relative to the checkpoint dir, in processing order = natural sort),
+`steps[]` = {`checkpoint`, `running_score` (v_t, the checkpoint's own score), `ensemble_score` (v_A after the step),
+`lookahead_score` (v_P, null for init), `decision` (init/hard/soft/reject),
+`members` (ensemble size after the step)}, `members` (final ensemble), `val_score`
+(final v_A). Expected `.safetensors` hold the final averaged weights: float
+tensors = mean of the members computed in float64 and rounded once (nearest even)
+to the checkpoint dtype; integer tensors copied from the newest member.
+Scores are exact in float64 for accuracy/hits (multiples of 1/n); compare
+cross-entropy/mrr with a small tolerance (1e-6 is ample: the closest
+decision-relevant gap in these fixtures is ~2e-4, and decisions are unchanged
+under 1e-5 relative noise on the model outputs).
+
+## Layout
+
+| path | what |
+|---|---|
+| `digits/checkpoints/epoch_{1..15}.safetensors` | MLP `fc1` Linear(64,64) -> `bn` BatchNorm1d(64) -> ReLU -> `fc2` Linear(64,10), state_dict after each epoch (f32 + int64 0-dim `bn.num_batches_tracked`); names not zero-padded (natural order epoch_2 < epoch_10) |
+| `digits/model.onnx` + `model.onnx.data` | `torch.onnx.export(dynamo=True, optimize=False)`, eval mode, dynamic batch; torch's default external data: `fc1.weight` and `fc2.weight` in `model.onnx.data`, the rest inline |
+| `digits/inline/model.onnx` | the same model, all initializers inline |
+| `digits/val.npz`, `val_compressed.npz`, `test.npz` | `x` f32 [437,64] in [0,1], `y` int64 [437]; val_compressed = same arrays via `np.savez_compressed`; test is disjoint |
+| `digits/expected/` | `aswa_accuracy.json`+`.safetensors`, `aswa_cross_entropy.json`+`.safetensors`, `aswa_accuracy_ties.json` (`--accept-ties`) |
+| `digits_f16/checkpoints/`, `digits_bf16/checkpoints/` | the digits checkpoints with float tensors cast to F16 / BF16 (`num_batches_tracked` stays I64). No model copy: use `--model fixtures/digits/model.onnx --val fixtures/digits/val.npz` |
+| `digits_{f16,bf16}/expected/` | `aswa_accuracy.json`+`.safetensors` (final weights in F16/BF16), `aswa_cross_entropy.json` |
+| `kge/checkpoints/epoch_{1..10}.safetensors` | DistMult, `ent.weight` [40,16], `rel.weight` [4,16] |
+| `kge/model.onnx` + `model.onnx.data` | inputs `h`, `r` int64 [batch], output `scores` f32 [batch,40]; `ent.weight` external, `rel.weight` inline |
+| `kge/val.npz`, `kge/filter.npz` | `h`,`r`,`y` int64 [53]; CSR `indptr` int64 [54], `indices` int64: the other true tails of (h,r) in the whole graph (y excluded) |
+| `kge/expected/` | `aswa_mrr_filtered.json`+`.safetensors` (`--metric mrr --filter kge/filter.npz`), `aswa_hits3.json` (`--metric hits@3`, no filter) |
+| `exports/cnn_checkpoints/epoch_{1,2}.safetensors` | tiny CNN `conv` Conv2d(1,4,3,p=1) -> `bn` BatchNorm2d(4) -> ReLU -> flatten -> `fc` Linear(256,10) |
+| `exports/cnn.onnx` | dynamo=True, optimize=False: good export (positive control) |
+| `exports/fused_bn.onnx` | dynamo=True, optimize=True: BN fused into the conv but names kept (`conv.weight`/`conv.bias` hold FUSED values), `bn.*` absent, plus an int64 shape initializer |
+| `exports/fused_bn_legacy.onnx` | legacy exporter, constant folding: BN fused, conv params renamed `onnx::Conv_*` |
+| `exports/folded.onnx` + `folded_checkpoints/epoch_{1,2}.safetensors` | legacy exporter, constant folding, `fc1` Linear(8,16) applied to a 3-D input: `fc1.weight` folded/transposed into `onnx::MatMul_*` [8,16] |
+| `exports/val_images.npz` | `x` f32 [101,1,8,8], `y` int64 [101] (first 101 digits val rows) |
+
+All `exports/*.onnx` are single files (initializers inline).
+"""
+
+
+def write_readme():
+    import glob
+
+    lines = [README_HEAD, "## ONNX models (generated)\n"]
+    for p in sorted(glob.glob(os.path.join(FIX, "**", "*.onnx"), recursive=True)):
+        s = onnx_summary(p)
+        lines.append(f"### `{rel(p)[len('fixtures/'):]}`\n")
+        lines.append(f"- inputs: {', '.join(f'`{n}` {t} {d}' for n, t, d in s['inputs'])}")
+        lines.append(f"- outputs: {', '.join(f'`{n}` {t} {d}' for n, t, d in s['outputs'])}")
+        lines.append(f"- nodes: {' '.join(s['ops'])}")
+        lines.append("- initializers: " + ", ".join(f"`{n}` {t} {d} ({w})" for n, t, d, w in s["initializers"]))
+        lines.append("")
+    lines.append("## Reference results (generated)\n")
+    short = {"init": "I", "hard": "H", "soft": "S", "reject": "r"}
+    for p in sorted(glob.glob(os.path.join(FIX, "*", "expected", "*.json"))):
+        r = json.load(open(p))
+        lines.append(f"### `{rel(p)[len('fixtures/'):]}`\n")
+        lines.append(f"metric `{r['metric']}` (higher_is_better={str(r['higher_is_better']).lower()}, "
+                     f"accept_ties={str(r['accept_ties']).lower()}); final members "
+                     f"{', '.join(m.replace('.safetensors', '') for m in r['members'])}; val_score {r['val_score']:.6f}\n")
+        lines.append("| checkpoint | score | lookahead | decision | running | n |")
+        lines.append("|---|---|---|---|---|---|")
+        for st in r["steps"]:
+            la = "-" if st["lookahead_score"] is None else f"{st['lookahead_score']:.6f}"
+            lines.append(f"| {st['checkpoint'].replace('.safetensors', '')} | {st['running_score']:.6f} | {la} | "
+                         f"{st['decision']} | {st['ensemble_score']:.6f} | {st['members']} |")
+        lines.append("\ndecisions: " + " ".join(short[s["decision"]] for s in r["steps"]) + "\n")
+    with open(os.path.join(FIX, "README.md"), "w") as f:
+        f.write("\n".join(lines))
+
+
+def main(argv):
+    groups = argv or ["digits", "lowp", "kge", "exports"]
+    os.makedirs(FIX, exist_ok=True)
+    summary = {}
+    if "digits" in groups:
+        summary["digits"] = gen_digits()
+    if "lowp" in groups:
+        summary["lowp"] = gen_digits_lowp()
+    if "kge" in groups:
+        summary["kge"] = gen_kge()
+    if "exports" in groups:
+        summary["exports"] = gen_exports()
+    write_readme()
+    total = 0
+    for dp, _, fs in os.walk(FIX):
+        total += sum(os.path.getsize(os.path.join(dp, f)) for f in fs)
+    log(f"fixtures total size: {total / 1024:.1f} KiB")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,232 @@
+//! The command line: flag definitions (clap) and their translation into a
+//! [`MergeConfig`]. The binary only calls [`main`].
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use crate::pipeline::{self, MergeConfig};
+
+/// Exit code for success.
+pub const EXIT_OK: u8 = 0;
+/// Exit code when the tool or ONNX Runtime failed on inputs that passed every check.
+pub const EXIT_INTERNAL: u8 = 1;
+/// Exit code for bad input: usage errors, unreadable or inconsistent files, mismatched model.
+pub const EXIT_BAD_INPUT: u8 = 2;
+
+/// Merge per-epoch training checkpoints into one model with Adaptive Stochastic Weight
+/// Averaging (ASWA), scoring every candidate on a validation set with ONNX Runtime.
+///
+/// The checkpoints (safetensors, tensor names = PyTorch state_dict keys) are walked in
+/// order. The first starts the ensemble. For each next one, the checkpoint and the
+/// look-ahead average (ensemble + checkpoint) are scored: if the checkpoint beats both,
+/// the ensemble restarts from it (hard update); else if the look-ahead beats the
+/// ensemble, the checkpoint joins it (soft update); else it is rejected. The final
+/// ensemble is written as safetensors with the checkpoints' names, shapes and dtypes.
+///
+/// Example: aswa-merge ./checkpoints --model model.onnx --val val.npz -o merged.safetensors
+#[derive(Debug, Parser)]
+#[command(
+    name = "aswa-merge",
+    version,
+    about,
+    long_about,
+    help_expected = true,
+    max_term_width = 100
+)]
+pub struct Cli {
+    /// Directory holding the checkpoints.
+    ///
+    /// Every `*.safetensors` file in it, and every sub-folder holding `model.safetensors`
+    /// or a sharded `model.safetensors.index.json` (Hugging Face `checkpoint-500/`), is a
+    /// checkpoint. They are processed in the order of the last number in their names
+    /// (epoch_2 before epoch_10), ties by name. Files written by aswa-merge are skipped.
+    #[arg(value_name = "CHECKPOINTS")]
+    pub checkpoints: PathBuf,
+
+    /// Validation set: a numpy .npz (np.savez or np.savez_compressed).
+    ///
+    /// A model with one input takes array `x` (or the array named like the input);
+    /// labels are array `y`. Example: --val data/val.npz
+    #[arg(long, value_name = "VAL.npz")]
+    pub val: PathBuf,
+
+    /// ONNX model holding the architecture; its weights are replaced by each candidate's.
+    ///
+    /// Export it with `torch.onnx.export(model, args, "model.onnx", dynamo=True,
+    /// optimize=False)` so that initializer names are the state_dict keys. An external
+    /// data file (model.onnx.data) beside it is read. Default: the single *.onnx file in
+    /// CHECKPOINTS or its parent.
+    #[arg(long, value_name = "MODEL.onnx")]
+    pub model: Option<PathBuf>,
+
+    /// Where to write the merged weights (safetensors, written atomically).
+    ///
+    /// Refuses to overwrite any input. Example: -o merged.safetensors
+    #[arg(
+        short = 'o',
+        long = "output",
+        value_name = "OUT.safetensors",
+        default_value = "aswa.safetensors"
+    )]
+    pub output: PathBuf,
+
+    /// Also write a JSON report: every step's scores and decision, the members, the score.
+    ///
+    /// Example: --report aswa-report.json (format in docs/report.md)
+    #[arg(long, value_name = "REPORT.json")]
+    pub report: Option<PathBuf>,
+
+    /// Validation metric.
+    ///
+    /// accuracy (default for integer labels; arg-max ties go to the lowest index), top-K
+    /// (e.g. top-5), cross-entropy (from logits), mse (default for float labels), mae,
+    /// mrr and hits@K (models that score every candidate, e.g. knowledge-graph
+    /// embeddings; realistic rank), output:NAME (a graph output that already is a score,
+    /// averaged over rows). Losses and errors are better when lower.
+    #[arg(long, value_name = "METRIC")]
+    pub metric: Option<String>,
+
+    /// Treat lower scores as better (for --metric output:NAME holding a loss).
+    #[arg(long, conflicts_with = "higher_is_better")]
+    pub lower_is_better: bool,
+
+    /// Treat higher scores as better (the default for accuracy-like metrics).
+    #[arg(long)]
+    pub higher_is_better: bool,
+
+    /// Name of the labels array in the validation .npz (default: y).
+    #[arg(long, value_name = "ARRAY")]
+    pub labels: Option<String>,
+
+    /// Feed array ARRAY of the .npz to model input ONNX_INPUT; repeat for several inputs.
+    ///
+    /// Inputs not mapped take the array of the same name. Example: --input h=heads
+    /// --input r=relations
+    #[arg(long = "input", value_name = "ONNX_INPUT=ARRAY", value_parser = parse_pair)]
+    pub inputs: Vec<(String, String)>,
+
+    /// Graph output the metric reads (default: the model's first output).
+    #[arg(long = "output-name", value_name = "NAME")]
+    pub output_name: Option<String>,
+
+    /// Filtered ranking for mrr/hits@K: an .npz with CSR arrays `indptr` (rows + 1) and
+    /// `indices` listing, per validation row, the other true candidates to leave out.
+    #[arg(long, value_name = "FILTER.npz")]
+    pub filter: Option<PathBuf>,
+
+    /// Validation rows per forward pass (a model with a fixed batch size uses its own,
+    /// padding the last batch).
+    #[arg(long, value_name = "N", default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..))]
+    pub batch_size: u64,
+
+    /// Keep only checkpoints whose name (file or folder name) matches this pattern.
+    ///
+    /// Example: --glob 'epoch_*.safetensors' or --glob 'checkpoint-*'
+    #[arg(long, value_name = "PATTERN")]
+    pub glob: Option<String>,
+
+    /// Accept a soft update whose look-ahead score equals the ensemble's (default: strict).
+    #[arg(long)]
+    pub accept_ties: bool,
+
+    /// Model initializer that is a true constant, not a trained weight; repeatable.
+    ///
+    /// Without it every non-scalar floating initializer must come from the checkpoints.
+    #[arg(long = "allow-constant", value_name = "NAME")]
+    pub allow_constant: Vec<String>,
+
+    /// Threads for averaging and for ONNX Runtime (default: all cores). The output is
+    /// bit-identical whatever the thread count.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub threads: usize,
+
+    /// Path of libonnxruntime.so. Default: ORT_DYLIB_PATH, then the onnxruntime package of
+    /// python3, then the system library path.
+    #[arg(long, value_name = "PATH")]
+    pub ort_lib: Option<PathBuf>,
+
+    /// Print nothing but errors.
+    #[arg(short, long)]
+    pub quiet: bool,
+}
+
+fn parse_pair(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((a, b)) if !a.is_empty() && !b.is_empty() => Ok((a.to_string(), b.to_string())),
+        _ => Err(format!("expected ONNX_INPUT=ARRAY, got `{s}`")),
+    }
+}
+
+impl Cli {
+    /// The run configuration these flags describe.
+    pub fn config(&self) -> MergeConfig {
+        MergeConfig {
+            checkpoints: self.checkpoints.clone(),
+            model: self.model.clone(),
+            val: self.val.clone(),
+            output: self.output.clone(),
+            report: self.report.clone(),
+            metric: self.metric.clone(),
+            higher_is_better: if self.lower_is_better {
+                Some(false)
+            } else if self.higher_is_better {
+                Some(true)
+            } else {
+                None
+            },
+            labels: self.labels.clone(),
+            inputs: self.inputs.clone(),
+            output_name: self.output_name.clone(),
+            filter: self.filter.clone(),
+            batch_size: self.batch_size as usize,
+            glob: self.glob.clone(),
+            accept_ties: self.accept_ties,
+            allow_constant: self.allow_constant.clone(),
+            threads: self.threads,
+            ort_lib: self.ort_lib.clone(),
+            quiet: self.quiet,
+        }
+    }
+}
+
+/// Parses the command line, runs, and maps the outcome to an exit code.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if cli.threads > 0 {
+        // Only fails if a global pool exists already, which cannot happen this early.
+        let _ = rayon::ThreadPoolBuilder::new()
+            .num_threads(cli.threads)
+            .build_global();
+    }
+    match pipeline::run(&cli.config()) {
+        Ok(_) => ExitCode::from(EXIT_OK),
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(if e.is_user_error() {
+                EXIT_BAD_INPUT
+            } else {
+                EXIT_INTERNAL
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn input_pairs_parse() {
+        assert_eq!(parse_pair("h=heads").unwrap(), ("h".into(), "heads".into()));
+        assert!(parse_pair("h").is_err());
+        assert!(parse_pair("=x").is_err());
+    }
+}

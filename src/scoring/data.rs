@@ -1,0 +1,517 @@
+//! Validation data: numpy `.npz` archives (`np.savez` or `np.savez_compressed`).
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use half::{bf16, f16};
+use ndarray::{ArrayD, Axis, IxDyn};
+use ndarray_npy::{NpzReader, ReadNpzError, ReadableElement};
+
+use super::onnx::{ElemType, ValueInfo};
+use crate::error::{Error, Result};
+
+/// An array read from an `.npz`, kept in (or converted to) the element type the model wants.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Array {
+    F32(ArrayD<f32>),
+    F64(ArrayD<f64>),
+    F16(ArrayD<f16>),
+    BF16(ArrayD<bf16>),
+    I64(ArrayD<i64>),
+    I32(ArrayD<i32>),
+    I16(ArrayD<i16>),
+    I8(ArrayD<i8>),
+    U8(ArrayD<u8>),
+    Bool(ArrayD<bool>),
+}
+
+macro_rules! each_array {
+    ($a:expr, $v:ident => $body:expr) => {
+        match $a {
+            Array::F32($v) => $body,
+            Array::F64($v) => $body,
+            Array::F16($v) => $body,
+            Array::BF16($v) => $body,
+            Array::I64($v) => $body,
+            Array::I32($v) => $body,
+            Array::I16($v) => $body,
+            Array::I8($v) => $body,
+            Array::U8($v) => $body,
+            Array::Bool($v) => $body,
+        }
+    };
+}
+
+impl Array {
+    /// The array's shape.
+    pub fn shape(&self) -> &[usize] {
+        each_array!(self, a => a.shape())
+    }
+
+    /// numpy's name for the element type.
+    pub fn dtype_name(&self) -> &'static str {
+        match self {
+            Array::F32(_) => "float32",
+            Array::F64(_) => "float64",
+            Array::F16(_) => "float16",
+            Array::BF16(_) => "bfloat16",
+            Array::I64(_) => "int64",
+            Array::I32(_) => "int32",
+            Array::I16(_) => "int16",
+            Array::I8(_) => "int8",
+            Array::U8(_) => "uint8",
+            Array::Bool(_) => "bool",
+        }
+    }
+
+    fn is_float(&self) -> bool {
+        matches!(
+            self,
+            Array::F32(_) | Array::F64(_) | Array::F16(_) | Array::BF16(_)
+        )
+    }
+
+    /// Values as `f64` (exact for every element type held here).
+    pub fn to_f64(&self) -> ArrayD<f64> {
+        match self {
+            Array::F32(a) => a.mapv(f64::from),
+            Array::F64(a) => a.clone(),
+            Array::F16(a) => a.mapv(f16::to_f64),
+            Array::BF16(a) => a.mapv(bf16::to_f64),
+            Array::I64(a) => a.mapv(|v| v as f64),
+            Array::I32(a) => a.mapv(f64::from),
+            Array::I16(a) => a.mapv(f64::from),
+            Array::I8(a) => a.mapv(f64::from),
+            Array::U8(a) => a.mapv(f64::from),
+            Array::Bool(a) => a.mapv(|v| f64::from(u8::from(v))),
+        }
+    }
+
+    /// Integer values, or `None` for floating arrays.
+    pub fn to_i64(&self) -> Option<ArrayD<i64>> {
+        Some(match self {
+            Array::I64(a) => a.clone(),
+            Array::I32(a) => a.mapv(i64::from),
+            Array::I16(a) => a.mapv(i64::from),
+            Array::I8(a) => a.mapv(i64::from),
+            Array::U8(a) => a.mapv(i64::from),
+            Array::Bool(a) => a.mapv(|v| i64::from(u8::from(v))),
+            _ => return None,
+        })
+    }
+
+    /// Converts to the model input's element type. Integers may become floats; floats
+    /// never become integers (that would silently truncate).
+    pub fn convert_to(&self, elem: ElemType) -> Option<Array> {
+        if self.is_float() && !elem.is_float() {
+            return None;
+        }
+        Some(match elem {
+            ElemType::F32 => match self {
+                Array::F32(a) => Array::F32(a.clone()),
+                other => Array::F32(other.to_f64().mapv(|v| v as f32)),
+            },
+            ElemType::F64 => Array::F64(self.to_f64()),
+            ElemType::F16 => Array::F16(self.to_f64().mapv(f16::from_f64)),
+            ElemType::BF16 => Array::BF16(self.to_f64().mapv(bf16::from_f64)),
+            ElemType::I64 => Array::I64(self.to_i64()?),
+            ElemType::I32 => Array::I32(self.to_i64()?.mapv(|v| v as i32)),
+            ElemType::U8 => Array::U8(self.to_i64()?.mapv(|v| v as u8)),
+            ElemType::Bool => Array::Bool(self.to_i64()?.mapv(|v| v != 0)),
+            _ => return None,
+        })
+    }
+
+    /// Rows `start..end` along axis 0 as a standard-layout array (copy of those rows),
+    /// repeated-last-row padded to `pad_to` rows when given.
+    pub fn rows(&self, start: usize, end: usize, pad_to: Option<usize>) -> Array {
+        fn take<T: Clone>(
+            a: &ArrayD<T>,
+            start: usize,
+            end: usize,
+            pad: Option<usize>,
+        ) -> ArrayD<T> {
+            let mut idx: Vec<usize> = (start..end).collect();
+            if let Some(p) = pad {
+                while idx.len() < p {
+                    idx.push(end - 1);
+                }
+            }
+            a.select(Axis(0), &idx)
+        }
+        match self {
+            Array::F32(a) => Array::F32(take(a, start, end, pad_to)),
+            Array::F64(a) => Array::F64(take(a, start, end, pad_to)),
+            Array::F16(a) => Array::F16(take(a, start, end, pad_to)),
+            Array::BF16(a) => Array::BF16(take(a, start, end, pad_to)),
+            Array::I64(a) => Array::I64(take(a, start, end, pad_to)),
+            Array::I32(a) => Array::I32(take(a, start, end, pad_to)),
+            Array::I16(a) => Array::I16(take(a, start, end, pad_to)),
+            Array::I8(a) => Array::I8(take(a, start, end, pad_to)),
+            Array::U8(a) => Array::U8(take(a, start, end, pad_to)),
+            Array::Bool(a) => Array::Bool(take(a, start, end, pad_to)),
+        }
+    }
+}
+
+/// An open `.npz` archive.
+pub struct Npz {
+    path: PathBuf,
+    reader: NpzReader<File>,
+    names: Vec<String>,
+}
+
+impl Npz {
+    /// Opens `path` and lists its arrays.
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        let mut reader = NpzReader::new(file)
+            .map_err(|e| Error::data(path, format!("not a numpy .npz archive ({e})")))?;
+        let names = reader
+            .names()
+            .map_err(|e| Error::data(path, format!("not a numpy .npz archive ({e})")))?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            reader,
+            names,
+        })
+    }
+
+    /// The archive's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Names of the arrays in the archive.
+    pub fn names(&self) -> &[String] {
+        &self.names
+    }
+
+    /// `true` if the archive holds an array called `name`.
+    pub fn has(&self, name: &str) -> bool {
+        self.names.iter().any(|n| n == name)
+    }
+
+    /// Reads array `name`, whatever its element type.
+    pub fn array(&mut self, name: &str) -> Result<Array> {
+        if !self.has(name) {
+            return Err(Error::data(
+                &self.path,
+                format!(
+                    "no array `{name}` (it has: {})",
+                    self.names
+                        .iter()
+                        .map(|n| format!("`{n}`"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ));
+        }
+        macro_rules! attempt {
+            ($t:ty, $variant:ident) => {
+                match self.read::<$t>(name)? {
+                    Some(a) => return Ok(Array::$variant(a)),
+                    None => {}
+                }
+            };
+        }
+        attempt!(f32, F32);
+        attempt!(f64, F64);
+        attempt!(i64, I64);
+        attempt!(i32, I32);
+        attempt!(u8, U8);
+        attempt!(i16, I16);
+        attempt!(i8, I8);
+        attempt!(bool, Bool);
+        Err(Error::data(
+            &self.path,
+            format!(
+                "array `{name}` has an element type that is not supported \
+                 (use float32/float64 or an integer type)"
+            ),
+        ))
+    }
+
+    fn read<T: ReadableElement>(&mut self, name: &str) -> Result<Option<ArrayD<T>>> {
+        match self.reader.by_name::<ndarray::OwnedRepr<T>, IxDyn>(name) {
+            Ok(a) => Ok(Some(a)),
+            Err(ReadNpzError::Npy(ndarray_npy::ReadNpyError::WrongDescriptor(_))) => Ok(None),
+            Err(e) => Err(Error::data(&self.path, format!("array `{name}`: {e}"))),
+        }
+    }
+}
+
+/// Labels for the metric: class indices, or target values.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Labels {
+    /// One class (or entity) index per row.
+    Classes(Vec<i64>),
+    /// `per_row` target values per row, row-major.
+    Values { values: Vec<f64>, per_row: usize },
+}
+
+impl Labels {
+    /// Builds labels from an array: integer arrays of shape `[n]` or `[n, 1]` are class
+    /// indices, floating arrays are targets.
+    pub fn from_array(path: &Path, name: &str, a: &Array) -> Result<Self> {
+        let shape = a.shape();
+        let rows = shape.first().copied().unwrap_or(0);
+        if shape.is_empty() {
+            return Err(Error::data(
+                path,
+                format!("labels `{name}` are a scalar; expected one row per sample"),
+            ));
+        }
+        match a.to_i64() {
+            Some(ints) if shape.len() == 1 || (shape.len() == 2 && shape[1] == 1) => {
+                Ok(Labels::Classes(ints.iter().copied().collect()))
+            }
+            Some(_) => Err(Error::data(
+                path,
+                format!(
+                    "integer labels `{name}` have shape {shape:?}; expected [rows] or [rows, 1]"
+                ),
+            )),
+            None => {
+                let v = a.to_f64();
+                let per_row = v.len().checked_div(rows).unwrap_or(0);
+                Ok(Labels::Values {
+                    values: v.iter().copied().collect(),
+                    per_row,
+                })
+            }
+        }
+    }
+
+    /// Number of rows.
+    pub fn rows(&self) -> usize {
+        match self {
+            Labels::Classes(c) => c.len(),
+            Labels::Values { values, per_row } => values.len().checked_div(*per_row).unwrap_or(0),
+        }
+    }
+}
+
+/// Filtered-ranking side information: for each validation row, the other true candidates.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Filter {
+    pub indptr: Vec<usize>,
+    pub indices: Vec<i64>,
+}
+
+impl Filter {
+    /// Reads CSR arrays `indptr` (rows + 1) and `indices` from `path`.
+    pub fn load(path: &Path, rows: usize) -> Result<Self> {
+        let mut npz = Npz::open(path)?;
+        let indptr_a = npz.array("indptr")?;
+        let indices_a = npz.array("indices")?;
+        let bad = |m: String| Error::data(path, m);
+        let indptr: Vec<i64> = indptr_a
+            .to_i64()
+            .ok_or_else(|| bad("`indptr` must be an integer array".into()))?
+            .iter()
+            .copied()
+            .collect();
+        let indices: Vec<i64> = indices_a
+            .to_i64()
+            .ok_or_else(|| bad("`indices` must be an integer array".into()))?
+            .iter()
+            .copied()
+            .collect();
+        if indptr.len() != rows + 1 {
+            return Err(bad(format!(
+                "`indptr` has {} entries; expected rows + 1 = {}",
+                indptr.len(),
+                rows + 1
+            )));
+        }
+        if indptr[0] != 0
+            || indptr.windows(2).any(|w| w[1] < w[0])
+            || indptr[rows] as usize != indices.len()
+        {
+            return Err(bad(
+                "`indptr` must start at 0, never decrease, and end at len(indices)".into(),
+            ));
+        }
+        Ok(Self {
+            indptr: indptr.into_iter().map(|v| v as usize).collect(),
+            indices,
+        })
+    }
+
+    /// The other true candidates of `row`.
+    pub fn row(&self, row: usize) -> &[i64] {
+        &self.indices[self.indptr[row]..self.indptr[row + 1]]
+    }
+}
+
+/// Validation data bound to the model's inputs.
+#[derive(Debug, Clone)]
+pub struct ValidationSet {
+    /// (model input name, array converted to its element type).
+    pub inputs: Vec<(String, Array)>,
+    pub labels: Option<Labels>,
+    pub rows: usize,
+    pub path: PathBuf,
+}
+
+/// How arrays are chosen for the model's inputs and the labels.
+#[derive(Debug, Clone, Default)]
+pub struct DataOptions {
+    /// `--input NAME=ARRAY` pairs.
+    pub input_map: Vec<(String, String)>,
+    /// `--labels` (default `y`).
+    pub labels: Option<String>,
+}
+
+/// Reads the validation set at `path` for a model with `model_inputs`.
+pub fn load_validation(
+    path: &Path,
+    model_inputs: &[ValueInfo],
+    options: &DataOptions,
+    labels_required: bool,
+) -> Result<ValidationSet> {
+    let mut npz = Npz::open(path)?;
+    let mut inputs = Vec::new();
+    for (name, _) in &options.input_map {
+        if !model_inputs.iter().any(|i| &i.name == name) {
+            return Err(Error::Usage(format!(
+                "--input {name}=...: the model has no input `{name}` (its inputs: {})",
+                model_inputs
+                    .iter()
+                    .map(|i| format!("`{}`", i.name))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+    }
+    for input in model_inputs {
+        let mapped = options
+            .input_map
+            .iter()
+            .find(|(n, _)| n == &input.name)
+            .map(|(_, a)| a.clone());
+        let array_name = match mapped {
+            Some(a) => a,
+            None if npz.has(&input.name) => input.name.clone(),
+            None if model_inputs.len() == 1 && npz.has("x") => "x".to_string(),
+            None => {
+                return Err(Error::data(
+                    path,
+                    format!(
+                        "no array for model input `{}`: name an array `{}`{} or map one with --input {}=ARRAY (arrays: {})",
+                        input.name,
+                        input.name,
+                        if model_inputs.len() == 1 { " or `x`" } else { "" },
+                        input.name,
+                        npz.names().iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ")
+                    ),
+                ))
+            }
+        };
+        let raw = npz.array(&array_name)?;
+        let elem = input.elem.ok_or_else(|| {
+            Error::model(
+                PathBuf::new(),
+                format!("input `{}` has an unsupported element type", input.name),
+            )
+        })?;
+        let arr = raw.convert_to(elem).ok_or_else(|| {
+            Error::data(
+                path,
+                format!(
+                    "array `{array_name}` is {} but model input `{}` takes {:?}",
+                    raw.dtype_name(),
+                    input.name,
+                    elem
+                ),
+            )
+        })?;
+        check_shape(path, &array_name, arr.shape(), input)?;
+        inputs.push((input.name.clone(), arr));
+    }
+    let rows = inputs
+        .first()
+        .map(|(_, a)| a.shape()[0])
+        .ok_or_else(|| Error::data(path, "the model has no data inputs"))?;
+    for (name, a) in &inputs {
+        if a.shape()[0] != rows {
+            return Err(Error::data(
+                path,
+                format!(
+                    "the arrays for the model's inputs have different numbers of rows ({} for `{name}`, {rows} for `{}`)",
+                    a.shape()[0],
+                    inputs[0].0
+                ),
+            ));
+        }
+    }
+    if rows == 0 {
+        return Err(Error::data(path, "the validation set has zero rows"));
+    }
+    let label_name = options.labels.clone().unwrap_or_else(|| "y".to_string());
+    let labels = if npz.has(&label_name) {
+        let a = npz.array(&label_name)?;
+        let l = Labels::from_array(path, &label_name, &a)?;
+        if l.rows() != rows {
+            return Err(Error::data(
+                path,
+                format!(
+                    "labels `{label_name}` have {} rows but the inputs have {rows}",
+                    l.rows()
+                ),
+            ));
+        }
+        Some(l)
+    } else if labels_required || options.labels.is_some() {
+        return Err(Error::data(
+            path,
+            format!(
+                "no labels array `{label_name}` (arrays: {}); name the labels with --labels",
+                npz.names()
+                    .iter()
+                    .map(|n| format!("`{n}`"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        ));
+    } else {
+        None
+    };
+    Ok(ValidationSet {
+        inputs,
+        labels,
+        rows,
+        path: path.to_path_buf(),
+    })
+}
+
+fn check_shape(path: &Path, array: &str, shape: &[usize], input: &ValueInfo) -> Result<()> {
+    let Some(expected) = &input.shape else {
+        return Ok(());
+    };
+    let fmt = |s: &[Option<i64>]| {
+        let parts: Vec<String> = s
+            .iter()
+            .map(|d| d.map_or("?".to_string(), |v| v.to_string()))
+            .collect();
+        format!("[{}]", parts.join(", "))
+    };
+    let ok = shape.len() == expected.len()
+        && shape
+            .iter()
+            .zip(expected)
+            .skip(1)
+            .all(|(&a, e)| e.is_none_or(|e| e as usize == a));
+    if ok && !shape.is_empty() {
+        return Ok(());
+    }
+    Err(Error::data(
+        path,
+        format!(
+            "array `{array}` has shape {shape:?} but model input `{}` expects {} (rows along axis 0)",
+            input.name,
+            fmt(expected)
+        ),
+    ))
+}

@@ -1,0 +1,386 @@
+//! Validation metrics, accumulated batch by batch.
+//!
+//! Each metric is a mean over validation rows, accumulated in `f64` in row order, so
+//! the result does not depend on the batch size or thread count. A model output that
+//! holds NaN gives a NaN score, which ASWA never accepts.
+
+use super::data::{Filter, Labels};
+use crate::error::{Error, Result};
+
+/// A metric to score candidates with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Metric {
+    /// Fraction of rows whose arg-max equals the label (ties go to the lowest index).
+    Accuracy,
+    /// Fraction of rows whose label is among the K highest outputs (ties to lower indices).
+    TopK(usize),
+    /// Mean of `logsumexp(z) - z[y]` over rows (from logits; lower is better).
+    CrossEntropy,
+    /// Mean squared error over all elements (lower is better).
+    Mse,
+    /// Mean absolute error over all elements (lower is better).
+    Mae,
+    /// Mean reciprocal rank of the true candidate (realistic rank, optional filtering).
+    Mrr,
+    /// Fraction of rows whose realistic rank is at most K.
+    HitsAt(usize),
+    /// Mean of a graph output that is already a per-row or per-batch score.
+    Output(String),
+}
+
+impl Metric {
+    /// Parses `accuracy`, `top-K`, `cross-entropy`, `mse`, `mae`, `mrr`, `hits@K`, `output:NAME`.
+    pub fn parse(s: &str) -> Result<Self> {
+        let k = |rest: &str| -> Result<usize> {
+            rest.parse::<usize>()
+                .ok()
+                .filter(|&k| k > 0)
+                .ok_or_else(|| Error::Metric(format!("`{s}`: K must be a positive integer")))
+        };
+        Ok(match s {
+            "accuracy" | "acc" => Metric::Accuracy,
+            "cross-entropy" | "cross_entropy" | "ce" => Metric::CrossEntropy,
+            "mse" => Metric::Mse,
+            "mae" => Metric::Mae,
+            "mrr" => Metric::Mrr,
+            _ if s.starts_with("top-") => Metric::TopK(k(&s[4..])?),
+            _ if s.starts_with("hits@") => Metric::HitsAt(k(&s[5..])?),
+            _ if s.starts_with("output:") && s.len() > 7 => Metric::Output(s[7..].to_string()),
+            _ => {
+                return Err(Error::Metric(format!(
+                    "unknown metric `{s}`; choose one of: accuracy, top-K (e.g. top-5), cross-entropy, \
+                     mse, mae, mrr, hits@K (e.g. hits@10), output:NAME"
+                )))
+            }
+        })
+    }
+
+    /// The canonical name.
+    pub fn name(&self) -> String {
+        match self {
+            Metric::Accuracy => "accuracy".into(),
+            Metric::TopK(k) => format!("top-{k}"),
+            Metric::CrossEntropy => "cross-entropy".into(),
+            Metric::Mse => "mse".into(),
+            Metric::Mae => "mae".into(),
+            Metric::Mrr => "mrr".into(),
+            Metric::HitsAt(k) => format!("hits@{k}"),
+            Metric::Output(n) => format!("output:{n}"),
+        }
+    }
+
+    /// Default direction: `false` for losses and errors.
+    pub fn higher_is_better(&self) -> bool {
+        !matches!(self, Metric::CrossEntropy | Metric::Mse | Metric::Mae)
+    }
+
+    /// Whether the metric compares outputs with labels.
+    pub fn needs_labels(&self) -> bool {
+        !matches!(self, Metric::Output(_))
+    }
+
+    /// Whether the metric needs class (integer) labels.
+    pub fn needs_classes(&self) -> bool {
+        matches!(
+            self,
+            Metric::Accuracy
+                | Metric::TopK(_)
+                | Metric::CrossEntropy
+                | Metric::Mrr
+                | Metric::HitsAt(_)
+        )
+    }
+
+    /// The graph output this metric reads, if it names one.
+    pub fn output_name(&self) -> Option<&str> {
+        match self {
+            Metric::Output(n) => Some(n),
+            _ => None,
+        }
+    }
+}
+
+/// Running sum of a metric over the rows seen so far.
+#[derive(Debug, Clone)]
+pub struct Accumulator<'a> {
+    metric: &'a Metric,
+    labels: Option<&'a Labels>,
+    filter: Option<&'a Filter>,
+    sum: f64,
+    rows: usize,
+}
+
+impl<'a> Accumulator<'a> {
+    pub fn new(metric: &'a Metric, labels: Option<&'a Labels>, filter: Option<&'a Filter>) -> Self {
+        Self {
+            metric,
+            labels,
+            filter,
+            sum: 0.0,
+            rows: 0,
+        }
+    }
+
+    /// Adds a batch: `output` is the model output for rows `start..start + rows`, row-major
+    /// with `shape` (whose first dimension is `rows`, unless the output is a scalar).
+    pub fn update(
+        &mut self,
+        output: &[f32],
+        shape: &[usize],
+        start: usize,
+        rows: usize,
+    ) -> Result<()> {
+        if let Metric::Output(name) = self.metric {
+            let n = output.len();
+            if n == rows {
+                self.sum += output.iter().map(|&v| f64::from(v)).sum::<f64>();
+            } else if n == 1 {
+                self.sum += f64::from(output[0]) * rows as f64;
+            } else {
+                return Err(Error::Metric(format!(
+                    "output `{name}` has shape {shape:?}; expected one value per row or one per batch"
+                )));
+            }
+            self.rows += rows;
+            return Ok(());
+        }
+        if rows == 0 || output.len() % rows != 0 || shape.first() != Some(&rows) {
+            return Err(Error::Metric(format!(
+                "the model output has shape {shape:?}; expected {rows} rows along axis 0"
+            )));
+        }
+        let width = output.len() / rows;
+        let labels = self.labels.ok_or_else(|| {
+            Error::Metric(format!("metric `{}` needs labels", self.metric.name()))
+        })?;
+        for r in 0..rows {
+            let row = &output[r * width..(r + 1) * width];
+            let global = start + r;
+            self.sum += match (self.metric, labels) {
+                (Metric::Mse | Metric::Mae, Labels::Values { values, per_row }) => {
+                    if *per_row != width {
+                        return Err(Error::Metric(format!(
+                            "the model output has {width} values per row but the labels have {per_row}"
+                        )));
+                    }
+                    let target = &values[global * width..(global + 1) * width];
+                    let abs = matches!(self.metric, Metric::Mae);
+                    row.iter()
+                        .zip(target)
+                        .map(|(&o, &t)| {
+                            let d = f64::from(o) - t;
+                            if abs {
+                                d.abs()
+                            } else {
+                                d * d
+                            }
+                        })
+                        .sum::<f64>()
+                        / width as f64
+                }
+                (Metric::Mse | Metric::Mae, Labels::Classes(c)) => {
+                    // Integer targets for a regression metric: compare as numbers.
+                    if width != 1 {
+                        return Err(Error::Metric(format!(
+                            "integer labels have one value per row but the model output has {width}"
+                        )));
+                    }
+                    let d = f64::from(row[0]) - c[global] as f64;
+                    if matches!(self.metric, Metric::Mae) {
+                        d.abs()
+                    } else {
+                        d * d
+                    }
+                }
+                (_, Labels::Classes(c)) => {
+                    let y = c[global];
+                    if y < 0 || y as usize >= width {
+                        return Err(Error::Metric(format!(
+                            "label {y} of row {global} is outside the model's {width} outputs"
+                        )));
+                    }
+                    let y = y as usize;
+                    let filtered = self.filter.map(|f| f.row(global)).unwrap_or(&[]);
+                    row_score(self.metric, row, y, filtered)
+                }
+                (m, Labels::Values { .. }) => {
+                    return Err(Error::Metric(format!(
+                        "metric `{}` needs integer class labels, but the labels are floating point",
+                        m.name()
+                    )))
+                }
+            };
+        }
+        self.rows += rows;
+        Ok(())
+    }
+
+    /// The mean over all rows seen.
+    pub fn finish(&self) -> f64 {
+        if self.rows == 0 {
+            f64::NAN
+        } else {
+            self.sum / self.rows as f64
+        }
+    }
+}
+
+/// The per-row contribution of a classification or ranking metric. NaN anywhere in
+/// the row makes it NaN.
+pub fn row_score(metric: &Metric, row: &[f32], y: usize, filtered: &[i64]) -> f64 {
+    if row.iter().any(|v| v.is_nan()) {
+        return f64::NAN;
+    }
+    let true_score = row[y];
+    match metric {
+        Metric::Accuracy | Metric::TopK(_) => {
+            // Position of y when sorted by decreasing score, ties broken by lower index.
+            let pos = row
+                .iter()
+                .enumerate()
+                .filter(|&(j, &s)| s > true_score || (s == true_score && j < y))
+                .count();
+            let k = if let Metric::TopK(k) = metric { *k } else { 1 };
+            f64::from(u8::from(pos < k))
+        }
+        Metric::CrossEntropy => {
+            let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
+            let lse = max
+                + row
+                    .iter()
+                    .map(|&v| (f64::from(v) - max).exp())
+                    .sum::<f64>()
+                    .ln();
+            lse - f64::from(true_score)
+        }
+        Metric::Mrr | Metric::HitsAt(_) => {
+            let rank = realistic_rank(row, y, filtered);
+            match metric {
+                Metric::Mrr => 1.0 / rank,
+                Metric::HitsAt(k) => f64::from(u8::from(rank <= *k as f64)),
+                _ => unreachable!(),
+            }
+        }
+        Metric::Mse | Metric::Mae | Metric::Output(_) => f64::NAN,
+    }
+}
+
+/// `1 + #{scores > true} + ½·#{other scores = true}`, leaving out `filtered` candidates.
+pub fn realistic_rank(row: &[f32], y: usize, filtered: &[i64]) -> f64 {
+    let t = row[y];
+    let mut greater = 0usize;
+    let mut equal = 0usize;
+    for (j, &s) in row.iter().enumerate() {
+        if j == y {
+            continue;
+        }
+        if s > t {
+            greater += 1;
+        } else if s == t {
+            equal += 1;
+        }
+    }
+    for &f in filtered {
+        let Ok(j) = usize::try_from(f) else { continue };
+        if j == y || j >= row.len() {
+            continue;
+        }
+        if row[j] > t {
+            greater -= 1;
+        } else if row[j] == t {
+            equal -= 1;
+        }
+    }
+    1.0 + greater as f64 + 0.5 * equal as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_names_and_directions() {
+        assert_eq!(Metric::parse("top-5").unwrap(), Metric::TopK(5));
+        assert_eq!(Metric::parse("hits@10").unwrap(), Metric::HitsAt(10));
+        assert_eq!(
+            Metric::parse("output:loss").unwrap(),
+            Metric::Output("loss".into())
+        );
+        assert!(Metric::parse("hits@0").is_err());
+        let err = Metric::parse("f1").unwrap_err().to_string();
+        assert!(
+            err.contains("unknown metric `f1`") && err.contains("hits@K"),
+            "{err}"
+        );
+        assert!(!Metric::CrossEntropy.higher_is_better());
+        assert!(Metric::Mrr.higher_is_better());
+    }
+
+    #[test]
+    fn accuracy_ties_go_to_the_lowest_index() {
+        let row = [0.5, 0.9, 0.9, 0.1];
+        assert_eq!(row_score(&Metric::Accuracy, &row, 1, &[]), 1.0);
+        assert_eq!(row_score(&Metric::Accuracy, &row, 2, &[]), 0.0);
+        assert_eq!(row_score(&Metric::TopK(2), &row, 2, &[]), 1.0);
+        assert_eq!(row_score(&Metric::TopK(2), &row, 0, &[]), 0.0);
+        assert!(row_score(&Metric::Accuracy, &[f32::NAN, 1.0], 1, &[]).is_nan());
+    }
+
+    #[test]
+    fn cross_entropy_matches_hand_computation() {
+        // logits [1, 2, 3], y = 0: log(e + e^2 + e^3) - 1
+        let expected = (1f64.exp() + 2f64.exp() + 3f64.exp()).ln() - 1.0;
+        let got = row_score(&Metric::CrossEntropy, &[1.0, 2.0, 3.0], 0, &[]);
+        assert!((got - expected).abs() < 1e-12, "{got} vs {expected}");
+        // Large logits do not overflow.
+        let got = row_score(&Metric::CrossEntropy, &[1000.0, 0.0], 0, &[]);
+        assert!(got.abs() < 1e-12);
+    }
+
+    #[test]
+    fn realistic_rank_counts_half_the_ties_and_honours_the_filter() {
+        // true score 0.5 at index 2; one greater (0.9), two equal (0.5, 0.5).
+        let row = [0.9, 0.5, 0.5, 0.5, 0.1];
+        assert_eq!(realistic_rank(&row, 2, &[]), 1.0 + 1.0 + 1.0);
+        // Filtering the greater one and one equal: 1 + 0 + 0.5.
+        assert_eq!(realistic_rank(&row, 2, &[0, 3]), 1.5);
+        // The true candidate itself in the filter list changes nothing.
+        assert_eq!(realistic_rank(&row, 2, &[2]), 3.0);
+        assert_eq!(row_score(&Metric::Mrr, &row, 2, &[0, 3]), 1.0 / 1.5);
+        assert_eq!(row_score(&Metric::HitsAt(1), &row, 2, &[0, 3]), 0.0);
+        assert_eq!(row_score(&Metric::HitsAt(2), &row, 2, &[0, 3]), 1.0);
+    }
+
+    #[test]
+    fn accumulates_mse_mae_and_output_means() {
+        let labels = Labels::Values {
+            values: vec![1.0, 2.0, 3.0, 4.0],
+            per_row: 2,
+        };
+        let mut mse = Accumulator::new(&Metric::Mse, Some(&labels), None);
+        mse.update(&[1.0, 2.0], &[1, 2], 0, 1).unwrap();
+        mse.update(&[5.0, 2.0], &[1, 2], 1, 1).unwrap();
+        // row 0: 0; row 1: ((5-3)^2 + (2-4)^2)/2 = 4 → mean 2
+        assert_eq!(mse.finish(), 2.0);
+        let metric = Metric::Mae;
+        let mut mae = Accumulator::new(&metric, Some(&labels), None);
+        mae.update(&[1.0, 2.0, 5.0, 2.0], &[2, 2], 0, 2).unwrap();
+        assert_eq!(mae.finish(), 1.0);
+        let out = Metric::Output("loss".into());
+        let mut o = Accumulator::new(&out, None, None);
+        o.update(&[2.0], &[], 0, 3).unwrap();
+        o.update(&[4.0], &[], 3, 1).unwrap();
+        assert_eq!(o.finish(), (2.0 * 3.0 + 4.0) / 4.0);
+    }
+
+    #[test]
+    fn out_of_range_labels_are_an_error() {
+        let labels = Labels::Classes(vec![3]);
+        let mut acc = Accumulator::new(&Metric::Accuracy, Some(&labels), None);
+        let err = acc
+            .update(&[0.1, 0.2, 0.3], &[1, 3], 0, 1)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("label 3 of row 0"), "{err}");
+    }
+}

@@ -1,0 +1,474 @@
+//! Reading the ONNX model and rewriting it so that checkpoint weights are inputs.
+//!
+//! The model is parsed with types generated at build time from the ONNX schema
+//! (`proto/onnx.proto`, compiled by `prost`), never decoded by hand. [`plan_binding`]
+//! checks, both ways, that the checkpoint tensors and the model's initializers
+//! correspond, because exporters silently rename, fold or fuse weights. [`rewrite`]
+//! then turns every bound initializer into a graph input, so that one ONNX Runtime
+//! session can score every candidate by feeding its tensors; the initializers that
+//! stay constants get any external data inlined so the model loads from memory.
+
+use std::collections::{HashMap, HashSet};
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+
+use prost::Message;
+
+use crate::error::{Error, Result};
+use crate::storage::{DType, TensorSpec};
+
+/// Types generated from `proto/onnx.proto`.
+#[allow(clippy::all, missing_docs)]
+pub mod proto {
+    include!(concat!(env!("OUT_DIR"), "/onnx.rs"));
+}
+
+use proto::tensor_proto::{DataLocation, DataType};
+use proto::tensor_shape_proto::dimension::Value as DimValue;
+use proto::type_proto::Value as TypeValue;
+
+/// ONNX element types the tool can feed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ElemType {
+    F32,
+    F16,
+    BF16,
+    F64,
+    I64,
+    I32,
+    I16,
+    I8,
+    U8,
+    U16,
+    U32,
+    U64,
+    Bool,
+}
+
+impl ElemType {
+    fn from_onnx(code: i32) -> Option<Self> {
+        Some(match DataType::try_from(code).ok()? {
+            DataType::Float => ElemType::F32,
+            DataType::Float16 => ElemType::F16,
+            DataType::Bfloat16 => ElemType::BF16,
+            DataType::Double => ElemType::F64,
+            DataType::Int64 => ElemType::I64,
+            DataType::Int32 => ElemType::I32,
+            DataType::Int16 => ElemType::I16,
+            DataType::Int8 => ElemType::I8,
+            DataType::Uint8 => ElemType::U8,
+            DataType::Uint16 => ElemType::U16,
+            DataType::Uint32 => ElemType::U32,
+            DataType::Uint64 => ElemType::U64,
+            DataType::Bool => ElemType::Bool,
+            _ => return None,
+        })
+    }
+
+    /// The checkpoint dtype with the same memory layout.
+    pub fn dtype(self) -> DType {
+        match self {
+            ElemType::F32 => DType::F32,
+            ElemType::F16 => DType::F16,
+            ElemType::BF16 => DType::BF16,
+            ElemType::F64 => DType::F64,
+            ElemType::I64 => DType::I64,
+            ElemType::I32 => DType::I32,
+            ElemType::I16 => DType::I16,
+            ElemType::I8 => DType::I8,
+            ElemType::U8 => DType::U8,
+            ElemType::U16 => DType::U16,
+            ElemType::U32 => DType::U32,
+            ElemType::U64 => DType::U64,
+            ElemType::Bool => DType::Bool,
+        }
+    }
+
+    /// `true` for floating types.
+    pub fn is_float(self) -> bool {
+        self.dtype().is_float()
+    }
+}
+
+/// A graph input or output: name, element type and shape (`None` for symbolic dims).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValueInfo {
+    pub name: String,
+    pub elem: Option<ElemType>,
+    pub shape: Option<Vec<Option<i64>>>,
+}
+
+/// A parsed ONNX model and where it came from (for external data).
+#[derive(Debug)]
+pub struct OnnxModel {
+    path: PathBuf,
+    model: proto::ModelProto,
+}
+
+/// An initializer as the model declares it.
+#[derive(Debug, Clone)]
+pub struct Initializer {
+    pub name: String,
+    pub elem: Option<ElemType>,
+    pub dims: Vec<i64>,
+}
+
+impl Initializer {
+    fn numel(&self) -> i64 {
+        self.dims.iter().product()
+    }
+}
+
+impl OnnxModel {
+    /// Reads and parses `path`.
+    pub fn load(path: &Path) -> Result<Self> {
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let model = proto::ModelProto::decode(bytes.as_slice()).map_err(|e| {
+            Error::model(
+                path,
+                format!("not a valid ONNX model (protobuf decoding failed: {e})"),
+            )
+        })?;
+        if model.graph.is_none() {
+            return Err(Error::model(
+                path,
+                "not a valid ONNX model (it has no graph)",
+            ));
+        }
+        Ok(Self {
+            path: path.to_path_buf(),
+            model,
+        })
+    }
+
+    /// The model file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn graph(&self) -> &proto::GraphProto {
+        // `load` refuses models without a graph.
+        self.model.graph.as_ref().expect("checked in load")
+    }
+
+    /// The graph's initializers.
+    pub fn initializers(&self) -> Vec<Initializer> {
+        self.graph()
+            .initializer
+            .iter()
+            .map(|t| Initializer {
+                name: t.name().to_string(),
+                elem: ElemType::from_onnx(t.data_type()),
+                dims: t.dims.clone(),
+            })
+            .collect()
+    }
+
+    /// The graph inputs that are not initializers: the data the model is fed.
+    pub fn data_inputs(&self) -> Vec<ValueInfo> {
+        let inits: HashSet<&str> = self.graph().initializer.iter().map(|t| t.name()).collect();
+        self.graph()
+            .input
+            .iter()
+            .filter(|v| !inits.contains(v.name()))
+            .map(value_info)
+            .collect()
+    }
+
+    /// The graph outputs.
+    pub fn outputs(&self) -> Vec<ValueInfo> {
+        self.graph().output.iter().map(value_info).collect()
+    }
+
+    /// Operator types used by the main graph (for diagnostics).
+    fn op_types(&self) -> HashSet<&str> {
+        self.graph().node.iter().map(|n| n.op_type()).collect()
+    }
+}
+
+fn value_info(v: &proto::ValueInfoProto) -> ValueInfo {
+    let tensor = v.r#type.as_ref().and_then(|t| match &t.value {
+        Some(TypeValue::TensorType(tt)) => Some(tt),
+        _ => None,
+    });
+    ValueInfo {
+        name: v.name().to_string(),
+        elem: tensor.and_then(|t| ElemType::from_onnx(t.elem_type())),
+        shape: tensor.and_then(|t| t.shape.as_ref()).map(|s| {
+            s.dim
+                .iter()
+                .map(|d| match d.value {
+                    Some(DimValue::DimValue(n)) if n > 0 => Some(n),
+                    _ => None,
+                })
+                .collect()
+        }),
+    }
+}
+
+/// A checkpoint tensor fed to the model in place of an initializer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Bound {
+    /// Index into the checkpoint set's specs.
+    pub tensor: usize,
+    pub name: String,
+    /// The model's element type for it (the checkpoint's values are converted if it differs).
+    pub elem: ElemType,
+    pub shape: Vec<usize>,
+}
+
+/// Which checkpoint tensors replace which initializers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Binding {
+    pub bound: Vec<Bound>,
+    /// Integer checkpoint tensors the graph does not use (copied to the output only).
+    pub unused_integer: Vec<String>,
+}
+
+/// Checks that the checkpoint tensors and the model's initializers correspond, both ways.
+///
+/// Every floating checkpoint tensor must be an initializer of the same name and shape;
+/// every non-scalar floating initializer must come from the checkpoints unless it is
+/// named in `allow_constant`. Integer checkpoint tensors are bound when the graph has
+/// them and ignored otherwise.
+pub fn plan_binding(
+    model: &OnnxModel,
+    specs: &[TensorSpec],
+    allow_constant: &[String],
+) -> Result<Binding> {
+    let inits: HashMap<String, Initializer> = model
+        .initializers()
+        .into_iter()
+        .map(|i| (i.name.clone(), i))
+        .collect();
+    let mut bound = Vec::new();
+    let mut unused_integer = Vec::new();
+    let mut missing = Vec::new();
+    let mut problems = Vec::new();
+    for (t, spec) in specs.iter().enumerate() {
+        let init = inits
+            .get(&spec.name)
+            // Boolean buffers are never fed: the graph keeps its own constant.
+            .filter(|_| spec.dtype != DType::Bool);
+        let Some(init) = init else {
+            if spec.dtype.is_float() {
+                missing.push(spec.name.clone());
+            } else {
+                unused_integer.push(spec.name.clone());
+            }
+            continue;
+        };
+        let dims: Vec<usize> = init.dims.iter().map(|&d| d.max(0) as usize).collect();
+        if dims != spec.shape {
+            problems.push(format!(
+                "`{}` has shape {:?} in the checkpoints but {:?} in the model",
+                spec.name, spec.shape, dims
+            ));
+            continue;
+        }
+        let Some(elem) = init.elem else {
+            problems.push(format!(
+                "`{}` has an element type the tool cannot feed",
+                spec.name
+            ));
+            continue;
+        };
+        let compatible = if spec.dtype.is_float() {
+            elem.is_float()
+        } else {
+            elem.dtype() == spec.dtype
+        };
+        if !compatible {
+            problems.push(format!(
+                "`{}` is {} in the checkpoints but {:?} in the model",
+                spec.name, spec.dtype, elem
+            ));
+            continue;
+        }
+        bound.push(Bound {
+            tensor: t,
+            name: spec.name.clone(),
+            elem,
+            shape: spec.shape.clone(),
+        });
+    }
+    let from_checkpoints: HashSet<&str> = specs.iter().map(|s| s.name.as_str()).collect();
+    let mut constants: Vec<String> = inits
+        .values()
+        .filter(|i| i.elem.is_some_and(ElemType::is_float))
+        .filter(|i| i.numel() > 1)
+        .filter(|i| !from_checkpoints.contains(i.name.as_str()))
+        .filter(|i| !allow_constant.contains(&i.name))
+        .map(|i| i.name.clone())
+        .collect();
+    constants.sort();
+
+    if missing.is_empty() && constants.is_empty() && problems.is_empty() {
+        return Ok(Binding {
+            bound,
+            unused_integer,
+        });
+    }
+    Err(Error::model(
+        model.path(),
+        mismatch_message(model, &missing, &constants, &problems),
+    ))
+}
+
+fn list(names: &[String]) -> String {
+    const SHOWN: usize = 12;
+    let mut s: Vec<String> = names.iter().take(SHOWN).map(|n| format!("`{n}`")).collect();
+    if names.len() > SHOWN {
+        s.push(format!("and {} more", names.len() - SHOWN));
+    }
+    s.join(", ")
+}
+
+fn mismatch_message(
+    model: &OnnxModel,
+    missing: &[String],
+    constants: &[String],
+    problems: &[String],
+) -> String {
+    let mut msg = String::from("the model's weights do not match the checkpoints' tensors");
+    if !missing.is_empty() {
+        msg += &format!(
+            "\n  checkpoint tensors that are not initializers of the model ({}): {}",
+            missing.len(),
+            list(missing)
+        );
+    }
+    if !constants.is_empty() {
+        msg += &format!(
+            "\n  model initializers that no checkpoint provides ({}): {}",
+            constants.len(),
+            list(constants)
+        );
+    }
+    for p in problems {
+        msg += &format!("\n  {p}");
+    }
+    let folded = constants
+        .iter()
+        .any(|c| c.starts_with("onnx::") || c.contains("::"));
+    let bn_missing = missing
+        .iter()
+        .any(|m| m.ends_with("running_mean") || m.ends_with("running_var"));
+    let has_bn = model.op_types().contains("BatchNormalization");
+    msg += "\n  likely cause: the exporter changed the weights, so replacing them by name would score a different model:";
+    if bn_missing && !has_bn {
+        msg += "\n  - BatchNorm was fused into the preceding layers (the model has no BatchNormalization node, \
+                 but the checkpoints have running statistics): `torch.onnx.export(..., optimize=True)` does this";
+    }
+    if folded {
+        msg += "\n  - constant folding produced new weights (names like `onnx::MatMul_123` are computed from the \
+                 parameters, e.g. transposed copies)";
+    }
+    msg += "\n  fix: export with `torch.onnx.export(model, args, path, dynamo=True, optimize=False)` \
+            (legacy exporter: `dynamo=False, do_constant_folding=False`), from the same architecture as the \
+            checkpoints; if an initializer really is a constant that training did not change, name it with \
+            --allow-constant NAME";
+    msg
+}
+
+/// Returns the model with every bound initializer turned into a graph input, and any
+/// external data of the remaining initializers read in, encoded as protobuf bytes.
+pub fn rewrite(model: &OnnxModel, binding: &Binding) -> Result<Vec<u8>> {
+    let mut m = model.model.clone();
+    let graph = m.graph.as_mut().expect("checked in load");
+    let bound: HashMap<&str, &Bound> = binding.bound.iter().map(|b| (b.name.as_str(), b)).collect();
+    graph.initializer.retain(|t| !bound.contains_key(t.name()));
+    let base = model.path.parent().unwrap_or(Path::new("."));
+    for t in &mut graph.initializer {
+        inline_external(t, base, &model.path)?;
+    }
+    let existing: HashSet<String> = graph.input.iter().map(|v| v.name().to_string()).collect();
+    for b in &binding.bound {
+        if existing.contains(&b.name) {
+            continue;
+        }
+        graph.input.push(proto::ValueInfoProto {
+            name: Some(b.name.clone()),
+            r#type: Some(proto::TypeProto {
+                value: Some(TypeValue::TensorType(proto::type_proto::Tensor {
+                    elem_type: Some(elem_code(b.elem)),
+                    shape: Some(proto::TensorShapeProto {
+                        dim: b
+                            .shape
+                            .iter()
+                            .map(|&d| proto::tensor_shape_proto::Dimension {
+                                value: Some(DimValue::DimValue(d as i64)),
+                                denotation: None,
+                            })
+                            .collect(),
+                    }),
+                })),
+                denotation: None,
+            }),
+            ..Default::default()
+        });
+    }
+    Ok(m.encode_to_vec())
+}
+
+fn elem_code(e: ElemType) -> i32 {
+    (match e {
+        ElemType::F32 => DataType::Float,
+        ElemType::F16 => DataType::Float16,
+        ElemType::BF16 => DataType::Bfloat16,
+        ElemType::F64 => DataType::Double,
+        ElemType::I64 => DataType::Int64,
+        ElemType::I32 => DataType::Int32,
+        ElemType::I16 => DataType::Int16,
+        ElemType::I8 => DataType::Int8,
+        ElemType::U8 => DataType::Uint8,
+        ElemType::U16 => DataType::Uint16,
+        ElemType::U32 => DataType::Uint32,
+        ElemType::U64 => DataType::Uint64,
+        ElemType::Bool => DataType::Bool,
+    }) as i32
+}
+
+/// Reads a tensor's external data (`location`, `offset`, `length`, relative to the
+/// model's folder) into `raw_data`.
+fn inline_external(t: &mut proto::TensorProto, base: &Path, model_path: &Path) -> Result<()> {
+    if t.data_location() != DataLocation::External {
+        return Ok(());
+    }
+    let mut location = None;
+    let mut offset = 0u64;
+    let mut length = None;
+    for kv in &t.external_data {
+        match kv.key() {
+            "location" => location = Some(kv.value().to_string()),
+            "offset" => offset = kv.value().parse().unwrap_or(0),
+            "length" => length = kv.value().parse::<u64>().ok(),
+            _ => {}
+        }
+    }
+    let bad = |msg: String| Error::model(model_path, format!("initializer `{}`: {msg}", t.name()));
+    let location = location.ok_or_else(|| bad("external data without a location".into()))?;
+    let file_path = base.join(&location);
+    let mut f = std::fs::File::open(&file_path).map_err(|e| {
+        bad(format!(
+            "cannot open its external data file {}: {e} (keep the `.data` file beside the model)",
+            file_path.display()
+        ))
+    })?;
+    let file_len = f.metadata().map_err(|e| Error::io(&file_path, e))?.len();
+    let length = length.unwrap_or(file_len.saturating_sub(offset));
+    if offset.checked_add(length).is_none_or(|end| end > file_len) {
+        return Err(bad(format!(
+            "external data range {offset}+{length} is beyond the end of {} ({file_len} bytes)",
+            file_path.display()
+        )));
+    }
+    let mut buf = vec![0u8; length as usize];
+    f.seek(SeekFrom::Start(offset))
+        .and_then(|_| f.read_exact(&mut buf))
+        .map_err(|e| Error::io(&file_path, e))?;
+    t.raw_data = Some(buf);
+    t.external_data.clear();
+    t.data_location = Some(DataLocation::Default as i32);
+    Ok(())
+}

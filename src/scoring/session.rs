@@ -1,0 +1,391 @@
+//! Scoring candidates with one ONNX Runtime session.
+//!
+//! The model is rewritten once (see [`super::onnx::rewrite`]) so that the checkpoint
+//! tensors are graph inputs; the session is built once; each candidate's tensors are
+//! then fed as tensor views over their memory: the memory map of a checkpoint or the
+//! buffer of an average, without a copy when the dtype already matches the model's
+//! and the data is aligned, converted into a reused scratch buffer otherwise.
+//! Validation rows are fed in batches along axis 0.
+
+use std::borrow::Cow;
+
+use half::{bf16, f16};
+use ndarray::{ArrayD, Axis, Slice};
+use ort::session::{Session, SessionInputValue};
+use ort::value::{DynValue, Tensor, TensorRef};
+
+use super::data::{Array, Filter, ValidationSet};
+use super::metrics::{Accumulator, Metric};
+use super::onnx::{self, Binding, ElemType, OnnxModel};
+use super::runtime::Runtime;
+use super::Scorer;
+use crate::averaging::Candidate;
+use crate::error::{Error, Result};
+use crate::storage::dtype::read_f64;
+use crate::storage::{CheckpointSet, DType};
+
+/// How batches are formed and how many threads ONNX Runtime uses.
+#[derive(Debug, Clone)]
+pub struct SessionOptions {
+    /// Rows per batch (a model with a fixed batch dimension overrides it).
+    pub batch_size: usize,
+    /// ONNX Runtime intra-op threads; 0 lets it choose.
+    pub threads: usize,
+    /// Graph output the metric reads (default: the first output, or the metric's own).
+    pub output: Option<String>,
+}
+
+/// Scores candidates on a validation set with a metric.
+pub struct OnnxScorer {
+    session: Session,
+    binding: Binding,
+    data: ValidationSet,
+    metric: Metric,
+    filter: Option<Filter>,
+    output: String,
+    batch: usize,
+    /// `Some(n)` when the model's batch dimension is fixed to `n` (partial batches padded).
+    fixed_batch: Option<usize>,
+    scratch: Vec<Scratch>,
+}
+
+/// Per-tensor conversion buffer, reused across candidates.
+#[derive(Default)]
+struct Scratch {
+    f32: Vec<f32>,
+    f16: Vec<f16>,
+    bf16: Vec<bf16>,
+    f64: Vec<f64>,
+    raw: Vec<u64>,
+}
+
+impl OnnxScorer {
+    /// Rewrites `model` according to `binding` and builds the session.
+    pub fn new(
+        runtime: &Runtime,
+        model: &OnnxModel,
+        binding: Binding,
+        data: ValidationSet,
+        metric: Metric,
+        filter: Option<Filter>,
+        options: &SessionOptions,
+    ) -> Result<Self> {
+        let outputs = model.outputs();
+        let output = match (metric.output_name(), &options.output) {
+            (Some(n), _) => n.to_string(),
+            (None, Some(n)) => n.clone(),
+            (None, None) => outputs
+                .first()
+                .map(|o| o.name.clone())
+                .ok_or_else(|| Error::model(model.path(), "the model has no outputs"))?,
+        };
+        if !outputs.iter().any(|o| o.name == output) {
+            return Err(Error::model(
+                model.path(),
+                format!(
+                    "the model has no output `{output}` (its outputs: {})",
+                    outputs
+                        .iter()
+                        .map(|o| format!("`{}`", o.name))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ));
+        }
+        let fixed_batch = model
+            .data_inputs()
+            .iter()
+            .filter_map(|i| i.shape.as_ref().and_then(|s| s.first().copied().flatten()))
+            .next()
+            .map(|n| n as usize);
+        let batch = fixed_batch.unwrap_or(options.batch_size.max(1));
+        let bytes = onnx::rewrite(model, &binding)?;
+        let rt_err = |e: ort::Error<ort::session::builder::SessionBuilder>| {
+            Error::Runtime(format!(
+                "cannot build a session for {}: {e}",
+                model.path().display()
+            ))
+        };
+        let mut builder = Session::builder(&runtime.environment)
+            .map_err(|e| Error::Runtime(format!("cannot create a session builder: {e}")))?;
+        if options.threads > 0 {
+            builder = builder
+                .with_intra_threads(options.threads)
+                .map_err(rt_err)?;
+        }
+        let session = builder.commit_from_memory(&bytes).map_err(|e| {
+            Error::model(
+                model.path(),
+                format!("ONNX Runtime cannot load the model: {e}"),
+            )
+        })?;
+        let scratch = binding.bound.iter().map(|_| Scratch::default()).collect();
+        Ok(Self {
+            session,
+            binding,
+            data,
+            metric,
+            filter,
+            output,
+            batch,
+            fixed_batch,
+            scratch,
+        })
+    }
+
+    /// Rows per batch actually used.
+    pub fn batch_size(&self) -> usize {
+        self.batch
+    }
+
+    /// The graph output the metric reads.
+    pub fn output_name(&self) -> &str {
+        &self.output
+    }
+}
+
+impl Scorer for OnnxScorer {
+    fn score(&mut self, set: &CheckpointSet, candidate: Candidate<'_>) -> Result<f64> {
+        let Self {
+            session,
+            binding,
+            data,
+            metric,
+            filter,
+            output,
+            batch,
+            fixed_batch,
+            scratch,
+        } = self;
+        let specs = set.specs();
+        // Pass 1: convert what cannot be fed as it is.
+        let mut sources = Vec::with_capacity(binding.bound.len());
+        for (b, s) in binding.bound.iter().zip(scratch.iter_mut()) {
+            let bytes = candidate.tensor_bytes(set, b.tensor);
+            let from = specs[b.tensor].dtype;
+            sources.push(prepare(from, b.elem, bytes, s));
+        }
+        // Pass 2: views over the candidate's memory or the scratch buffers.
+        let mut weights: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = Vec::new();
+        for ((b, s), &source) in binding.bound.iter().zip(scratch.iter()).zip(&sources) {
+            let bytes = candidate.tensor_bytes(set, b.tensor);
+            let shape: Vec<i64> = b.shape.iter().map(|&d| d as i64).collect();
+            weights.push((
+                Cow::Borrowed(b.name.as_str()),
+                view(b.elem, shape, bytes, s, source)?,
+            ));
+        }
+
+        let mut acc = Accumulator::new(metric, data.labels.as_ref(), filter.as_ref());
+        let mut start = 0;
+        while start < data.rows {
+            let end = (start + *batch).min(data.rows);
+            let rows = end - start;
+            let pad = fixed_batch.filter(|&n| n > rows);
+            let mut inputs: Vec<(Cow<'_, str>, SessionInputValue<'_>)> =
+                Vec::with_capacity(data.inputs.len() + weights.len());
+            for (name, arr) in &data.inputs {
+                inputs.push((
+                    Cow::Borrowed(name.as_str()),
+                    batch_value(arr, start, end, pad)?,
+                ));
+            }
+            for (name, v) in &weights {
+                inputs.push((name.clone(), reborrow(v)));
+            }
+            let outputs = session.run(inputs)?;
+            let value = outputs.get(output.as_str()).ok_or_else(|| {
+                Error::Runtime(format!("the model did not produce output `{output}`"))
+            })?;
+            let (shape, values) = output_f32(value)?;
+            let (shape, values) = match pad {
+                Some(_) if shape.first().is_some_and(|&d| d > rows) => {
+                    let width = values.len() / shape[0];
+                    let mut s = shape.clone();
+                    s[0] = rows;
+                    (s, values[..rows * width].to_vec())
+                }
+                _ => (shape, values),
+            };
+            acc.update(&values, &shape, start, rows)?;
+            start = end;
+        }
+        Ok(acc.finish())
+    }
+}
+
+fn reborrow<'a>(v: &'a SessionInputValue<'_>) -> SessionInputValue<'a> {
+    SessionInputValue::from(&**v)
+}
+
+/// How a weight is fed: straight from the candidate's memory, from an aligned copy of
+/// its bytes, or from a converted buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    Direct,
+    AlignedCopy,
+    Converted,
+}
+
+/// Decides how `bytes` are fed and fills the scratch buffer when they cannot be fed as they are.
+fn prepare(from: DType, to: ElemType, bytes: &[u8], s: &mut Scratch) -> Source {
+    let target = to.dtype();
+    if from == target {
+        if aligned(bytes, target.size()) {
+            return Source::Direct;
+        }
+        s.raw.resize(bytes.len().div_ceil(8), 0);
+        bytemuck::cast_slice_mut::<u64, u8>(&mut s.raw)[..bytes.len()].copy_from_slice(bytes);
+        return Source::AlignedCopy;
+    }
+    // Different types only happen between floats (plan_binding refuses the rest).
+    let n = bytes.len() / from.size();
+    match to {
+        ElemType::F32 => {
+            s.f32.resize(n, 0.0);
+            crate::storage::dtype::to_f32(from, bytes, &mut s.f32);
+        }
+        ElemType::F16 => {
+            s.f16.resize(n, f16::ZERO);
+            crate::storage::dtype::to_f16(from, bytes, &mut s.f16);
+        }
+        ElemType::BF16 => {
+            s.bf16.resize(n, bf16::ZERO);
+            for (i, o) in s.bf16.iter_mut().enumerate() {
+                *o = bf16::from_f64(read_f64(from, bytes, i));
+            }
+        }
+        _ => {
+            s.f64.resize(n, 0.0);
+            for (i, o) in s.f64.iter_mut().enumerate() {
+                *o = read_f64(from, bytes, i);
+            }
+        }
+    }
+    Source::Converted
+}
+
+fn aligned(bytes: &[u8], align: usize) -> bool {
+    (bytes.as_ptr() as usize) % align == 0
+}
+
+/// A tensor view for one bound weight.
+fn view<'a>(
+    elem: ElemType,
+    shape: Vec<i64>,
+    bytes: &'a [u8],
+    s: &'a Scratch,
+    source: Source,
+) -> Result<SessionInputValue<'a>> {
+    let n = shape.iter().product::<i64>() as usize;
+    let raw: &[u8] = match source {
+        Source::Direct => bytes,
+        Source::AlignedCopy => &bytemuck::cast_slice::<u64, u8>(&s.raw)[..bytes.len()],
+        Source::Converted => match elem {
+            ElemType::F32 => bytemuck::cast_slice(&s.f32[..n]),
+            ElemType::F16 => bytemuck::cast_slice(&s.f16[..n]),
+            ElemType::BF16 => bytemuck::cast_slice(&s.bf16[..n]),
+            _ => bytemuck::cast_slice(&s.f64[..n]),
+        },
+    };
+    macro_rules! tensor {
+        ($t:ty) => {
+            SessionInputValue::from(
+                TensorRef::<$t>::from_array_view((shape, bytemuck::cast_slice::<u8, $t>(raw)))?
+                    .into_dyn(),
+            )
+        };
+    }
+    Ok(match elem {
+        ElemType::F32 => tensor!(f32),
+        ElemType::F16 => tensor!(f16),
+        ElemType::BF16 => tensor!(bf16),
+        ElemType::F64 => tensor!(f64),
+        ElemType::I64 => tensor!(i64),
+        ElemType::I32 => tensor!(i32),
+        ElemType::I16 => tensor!(i16),
+        ElemType::I8 => tensor!(i8),
+        ElemType::U8 => tensor!(u8),
+        ElemType::U16 => tensor!(u16),
+        ElemType::U32 => tensor!(u32),
+        ElemType::U64 => tensor!(u64),
+        ElemType::Bool => {
+            return Err(Error::Runtime(
+                "boolean checkpoint tensors cannot be fed to the model".into(),
+            ))
+        }
+    })
+}
+
+/// The rows `start..end` of a validation array as a session input (a view when no padding is needed).
+fn batch_value<'a>(
+    arr: &'a Array,
+    start: usize,
+    end: usize,
+    pad: Option<usize>,
+) -> Result<SessionInputValue<'a>> {
+    fn rows<T: Clone + 'static + ort::value::PrimitiveTensorElementType + std::fmt::Debug>(
+        a: &ArrayD<T>,
+        start: usize,
+        end: usize,
+    ) -> Result<SessionInputValue<'_>> {
+        let v = a.slice_axis(Axis(0), Slice::from(start..end));
+        Ok(SessionInputValue::from(
+            TensorRef::from_array_view(v)?.into_dyn(),
+        ))
+    }
+    if pad.is_some() {
+        let owned = arr.rows(start, end, pad);
+        return Ok(SessionInputValue::from(owned_value(owned)?));
+    }
+    match arr {
+        Array::F32(a) => rows(a, start, end),
+        Array::F64(a) => rows(a, start, end),
+        Array::F16(a) => rows(a, start, end),
+        Array::BF16(a) => rows(a, start, end),
+        Array::I64(a) => rows(a, start, end),
+        Array::I32(a) => rows(a, start, end),
+        Array::I16(a) => rows(a, start, end),
+        Array::I8(a) => rows(a, start, end),
+        Array::U8(a) => rows(a, start, end),
+        Array::Bool(a) => rows(a, start, end),
+    }
+}
+
+fn owned_value(arr: Array) -> Result<DynValue> {
+    Ok(match arr {
+        Array::F32(a) => Tensor::from_array(a)?.into_dyn(),
+        Array::F64(a) => Tensor::from_array(a)?.into_dyn(),
+        Array::F16(a) => Tensor::from_array(a)?.into_dyn(),
+        Array::BF16(a) => Tensor::from_array(a)?.into_dyn(),
+        Array::I64(a) => Tensor::from_array(a)?.into_dyn(),
+        Array::I32(a) => Tensor::from_array(a)?.into_dyn(),
+        Array::I16(a) => Tensor::from_array(a)?.into_dyn(),
+        Array::I8(a) => Tensor::from_array(a)?.into_dyn(),
+        Array::U8(a) => Tensor::from_array(a)?.into_dyn(),
+        Array::Bool(a) => Tensor::from_array(a)?.into_dyn(),
+    })
+}
+
+/// The output as `f32` values with its shape (f16, bf16 and f64 outputs are converted).
+fn output_f32(value: &DynValue) -> Result<(Vec<usize>, Vec<f32>)> {
+    fn shape_of(s: &[i64]) -> Vec<usize> {
+        s.iter().map(|&d| d.max(0) as usize).collect()
+    }
+    if let Ok((s, v)) = value.try_extract_tensor::<f32>() {
+        return Ok((shape_of(s), v.to_vec()));
+    }
+    if let Ok((s, v)) = value.try_extract_tensor::<f64>() {
+        return Ok((shape_of(s), v.iter().map(|&x| x as f32).collect()));
+    }
+    if let Ok((s, v)) = value.try_extract_tensor::<f16>() {
+        return Ok((shape_of(s), v.iter().map(|x| x.to_f32()).collect()));
+    }
+    if let Ok((s, v)) = value.try_extract_tensor::<bf16>() {
+        return Ok((shape_of(s), v.iter().map(|x| x.to_f32()).collect()));
+    }
+    Err(Error::Metric(format!(
+        "the metric's output has type {:?}; expected a floating-point tensor",
+        value.dtype()
+    )))
+}

@@ -1,0 +1,208 @@
+//! One checkpoint: a single safetensors file, or a folder of shards with an index.
+//!
+//! Headers are parsed and validated by the `safetensors` crate; the tensor data is
+//! never copied here, only located (`shard`, byte range) so that averaging can read
+//! it straight from the memory map.
+
+use std::collections::{BTreeMap, HashMap};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use safetensors::SafeTensors;
+
+use super::dtype::DType;
+use super::mmap::MappedFile;
+use crate::error::{Error, Result};
+
+/// Where a checkpoint lives on disk, as found by discovery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CheckpointSource {
+    /// A single `.safetensors` file.
+    File(PathBuf),
+    /// A Hugging Face style folder with `<prefix>.safetensors.index.json` and its shards.
+    Sharded { index: PathBuf },
+}
+
+impl CheckpointSource {
+    /// The path shown to users and written to reports: the file, or the folder of shards.
+    pub fn path(&self) -> &Path {
+        match self {
+            CheckpointSource::File(p) => p,
+            CheckpointSource::Sharded { index } => index.parent().unwrap_or(index),
+        }
+    }
+}
+
+/// Location and type of one tensor inside a checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorEntry {
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+    /// Index into the checkpoint's shards.
+    pub shard: usize,
+    /// Absolute byte range within that shard's file.
+    pub range: Range<usize>,
+}
+
+/// An opened, validated checkpoint.
+#[derive(Debug)]
+pub struct Checkpoint {
+    source: CheckpointSource,
+    shards: Vec<MappedFile>,
+    tensors: BTreeMap<String, TensorEntry>,
+    metadata: HashMap<String, String>,
+}
+
+/// Key written into the `__metadata__` of every file this tool produces; discovery
+/// skips files that carry it, so an output is never taken for a checkpoint.
+pub const PRODUCER_KEY: &str = "aswa_merge.version";
+
+impl Checkpoint {
+    /// Maps and validates the checkpoint at `source`.
+    pub fn open(source: CheckpointSource) -> Result<Self> {
+        let mut ckpt = Checkpoint {
+            source: source.clone(),
+            shards: Vec::new(),
+            tensors: BTreeMap::new(),
+            metadata: HashMap::new(),
+        };
+        match &source {
+            CheckpointSource::File(path) => {
+                let (tensors, metadata) = read_header(path, 0, &mut ckpt.shards)?;
+                ckpt.tensors = tensors;
+                ckpt.metadata = metadata;
+            }
+            CheckpointSource::Sharded { index } => ckpt.open_sharded(index)?,
+        }
+        Ok(ckpt)
+    }
+
+    fn open_sharded(&mut self, index: &Path) -> Result<()> {
+        let dir = index.parent().unwrap_or(Path::new("."));
+        let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
+        let parsed: ShardIndex = serde_json::from_str(&text)
+            .map_err(|e| Error::checkpoint(index, format!("invalid shard index: {e}")))?;
+        let mut files: Vec<&String> = parsed.weight_map.values().collect();
+        files.sort();
+        files.dedup();
+        let mut by_file: HashMap<&str, BTreeMap<String, TensorEntry>> = HashMap::new();
+        for file in files {
+            if file.contains('/') || file.contains('\\') || file == ".." {
+                return Err(Error::checkpoint(
+                    index,
+                    format!("shard `{file}` is not a file name in the checkpoint's folder"),
+                ));
+            }
+            let shard_path = dir.join(file);
+            if !shard_path.is_file() {
+                return Err(Error::checkpoint(
+                    index,
+                    format!("shard `{file}` listed in the index is missing"),
+                ));
+            }
+            let shard_no = self.shards.len();
+            let (tensors, metadata) = read_header(&shard_path, shard_no, &mut self.shards)?;
+            if self.metadata.is_empty() {
+                self.metadata = metadata;
+            }
+            by_file.insert(file.as_str(), tensors);
+        }
+        for (name, file) in &parsed.weight_map {
+            let entry = by_file
+                .get_mut(file.as_str())
+                .and_then(|t| t.remove(name))
+                .ok_or_else(|| {
+                    Error::checkpoint(
+                        index,
+                        format!("tensor `{name}` is listed in shard `{file}` but is not in it"),
+                    )
+                })?;
+            self.tensors.insert(name.clone(), entry);
+        }
+        for (file, rest) in by_file {
+            if let Some(name) = rest.keys().next() {
+                return Err(Error::checkpoint(
+                    index,
+                    format!("shard `{file}` holds tensor `{name}`, which the index does not list"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Where the checkpoint is.
+    pub fn source(&self) -> &CheckpointSource {
+        &self.source
+    }
+
+    /// The path shown to users.
+    pub fn path(&self) -> &Path {
+        self.source.path()
+    }
+
+    /// Tensors by name, sorted by name.
+    pub fn tensors(&self) -> &BTreeMap<String, TensorEntry> {
+        &self.tensors
+    }
+
+    /// The `__metadata__` map of the (first) file.
+    pub fn metadata(&self) -> &HashMap<String, String> {
+        &self.metadata
+    }
+
+    /// Total bytes of the checkpoint's files.
+    pub fn size_bytes(&self) -> u64 {
+        self.shards.iter().map(MappedFile::len).sum()
+    }
+
+    /// The raw little-endian bytes of a tensor located by [`TensorEntry`].
+    pub fn bytes(&self, entry: &TensorEntry) -> &[u8] {
+        &self.shards[entry.shard].bytes()[entry.range.clone()]
+    }
+
+    /// Fails when any of the checkpoint's files changed since it was mapped.
+    pub fn check_unchanged(&self) -> Result<()> {
+        self.shards.iter().try_for_each(MappedFile::check_unchanged)
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct ShardIndex {
+    weight_map: BTreeMap<String, String>,
+}
+
+type Header = (BTreeMap<String, TensorEntry>, HashMap<String, String>);
+
+/// Maps `path`, validates its header, appends the map to `shards` and returns its tensors.
+fn read_header(path: &Path, shard: usize, shards: &mut Vec<MappedFile>) -> Result<Header> {
+    let file = MappedFile::open(path)?;
+    let bytes = file.bytes();
+    let (header_len, meta) = SafeTensors::read_metadata(bytes)
+        .map_err(|e| Error::checkpoint(path, format!("not a valid safetensors file: {e}")))?;
+    let data_start = 8 + header_len;
+    let mut tensors = BTreeMap::new();
+    for (name, info) in meta.tensors() {
+        let dtype = DType::from_safetensors(info.dtype).ok_or_else(|| {
+            Error::checkpoint(
+                path,
+                format!(
+                    "tensor `{name}` has dtype {:?}, which is not supported",
+                    info.dtype
+                ),
+            )
+        })?;
+        let (start, end) = info.data_offsets;
+        tensors.insert(
+            name,
+            TensorEntry {
+                dtype,
+                shape: info.shape.clone(),
+                shard,
+                range: data_start + start..data_start + end,
+            },
+        );
+    }
+    let metadata = meta.metadata().clone().unwrap_or_default();
+    shards.push(file);
+    Ok((tensors, metadata))
+}

@@ -1,0 +1,82 @@
+//! The one place where files are memory-mapped.
+//!
+//! # Safety and the hazard of a file changing underneath
+//!
+//! A memory map is only sound while nobody truncates or rewrites the file. Training
+//! jobs write new checkpoints into the same directory, and a checkpoint rewritten in
+//! place while we read it could give a wrong average or a `SIGBUS`. We cannot prevent
+//! that from user space; we narrow it: the file's size and modification time are
+//! recorded when it is mapped and checked again by [`MappedFile::check_unchanged`]
+//! after every use, so a change is reported as an error instead of going unnoticed.
+//! Well-behaved writers (safetensors, `torch.save`, this tool) write a temporary file
+//! and rename it, which leaves our mapping of the old file intact.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use memmap2::Mmap;
+
+use crate::error::{Error, Result};
+
+/// A read-only memory map of a whole file, with what is needed to notice a change.
+#[derive(Debug)]
+pub struct MappedFile {
+    path: PathBuf,
+    map: Mmap,
+    len: u64,
+    modified: Option<SystemTime>,
+}
+
+impl MappedFile {
+    /// Maps `path` read-only.
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        let meta = file.metadata().map_err(|e| Error::io(path, e))?;
+        if !meta.is_file() {
+            return Err(Error::checkpoint(path, "not a regular file"));
+        }
+        // SAFETY: the map is read-only and private to this process. The file may still be
+        // changed by another process; see the module documentation for how that is detected.
+        let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            len: meta.len(),
+            modified: meta.modified().ok(),
+            map,
+        })
+    }
+
+    /// The mapped bytes.
+    pub fn bytes(&self) -> &[u8] {
+        &self.map
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The file's size in bytes when it was mapped.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// `true` for an empty file.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Fails when the file's size or modification time differ from when it was mapped.
+    pub fn check_unchanged(&self) -> Result<()> {
+        let meta = std::fs::metadata(&self.path).map_err(|e| Error::io(&self.path, e))?;
+        if meta.len() != self.len || meta.modified().ok() != self.modified {
+            return Err(Error::checkpoint(
+                &self.path,
+                "the file changed while it was being read (was it rewritten by a running job?); \
+                 rerun when it is complete",
+            ));
+        }
+        Ok(())
+    }
+}
