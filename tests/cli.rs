@@ -1,0 +1,492 @@
+//! End-to-end runs of the built binary on the bundled fixtures, checked against the
+//! independent Python reference (`scripts/reference_aswa.py`, numpy + onnxruntime).
+
+mod common;
+
+use common::*;
+use predicates::prelude::*;
+use predicates::str::contains;
+
+/// Scores from ONNX Runtime in Rust and in Python agree within this relative tolerance
+/// (float32 forward passes; the reference feeds the whole set as one batch).
+const SCORE_TOL: f64 = 1e-5;
+
+struct Run {
+    dir: tempfile::TempDir,
+}
+
+impl Run {
+    fn new() -> Self {
+        Self {
+            dir: tempfile::tempdir().expect("tempdir"),
+        }
+    }
+    fn out(&self) -> std::path::PathBuf {
+        self.dir.path().join("merged.safetensors")
+    }
+    fn report(&self) -> std::path::PathBuf {
+        self.dir.path().join("report.json")
+    }
+    /// Runs on `ckpts` with `args`, expecting success; returns the report.
+    fn ok(&self, ckpts: &str, args: &[&str]) -> serde_json::Value {
+        cmd()
+            .arg(fixture(ckpts))
+            .args(args)
+            .arg("-o")
+            .arg(self.out())
+            .arg("--report")
+            .arg(self.report())
+            .assert()
+            .success();
+        read_json(&self.report())
+    }
+}
+
+fn digits_args() -> Vec<String> {
+    vec![
+        "--model".into(),
+        fixture("digits/model.onnx").display().to_string(),
+        "--val".into(),
+        fixture("digits/val.npz").display().to_string(),
+    ]
+}
+
+fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+/// Every float tensor of `got` equals the reference's float64 mean rounded once to the
+/// dtype: within 1e-6 relative (max abs error / max abs value) for f32, within one unit
+/// in the last place for f16/bf16. Integer tensors are identical.
+fn assert_weights_match(got: &std::path::Path, want: &std::path::Path) {
+    let (g, _) = read_st(got);
+    let (w, _) = read_st(want);
+    assert_eq!(g.keys().collect::<Vec<_>>(), w.keys().collect::<Vec<_>>());
+    for (name, wt) in &w {
+        let gt = &g[name];
+        assert_eq!(gt.dtype, wt.dtype, "{name}: dtype");
+        assert_eq!(gt.shape, wt.shape, "{name}: shape");
+        match wt.dtype {
+            safetensors::Dtype::F32 => {
+                let (gv, wv) = (gt.values(), wt.values());
+                let max_abs = wv
+                    .iter()
+                    .fold(0f64, |m, v| m.max(v.abs()))
+                    .max(f64::MIN_POSITIVE);
+                let err = gv
+                    .iter()
+                    .zip(&wv)
+                    .fold(0f64, |m, (a, b)| m.max((a - b).abs()));
+                assert!(
+                    err / max_abs <= 1e-6,
+                    "{name}: relative error {}",
+                    err / max_abs
+                );
+            }
+            safetensors::Dtype::F16 | safetensors::Dtype::BF16 => {
+                for (i, (a, b)) in gt
+                    .data
+                    .chunks_exact(2)
+                    .zip(wt.data.chunks_exact(2))
+                    .enumerate()
+                {
+                    let (a, b) = (
+                        u16::from_le_bytes([a[0], a[1]]),
+                        u16::from_le_bytes([b[0], b[1]]),
+                    );
+                    // Same sign: the bit patterns of adjacent values differ by one.
+                    let ulps = (i32::from(a as i16) - i32::from(b as i16)).abs();
+                    assert!(ulps <= 1, "{name}[{i}]: {a:#06x} vs {b:#06x}");
+                }
+            }
+            _ => assert_eq!(gt.data, wt.data, "{name}: integer tensor differs"),
+        }
+    }
+}
+
+#[test]
+fn digits_accuracy_matches_the_python_reference() {
+    let run = Run::new();
+    let report = run.ok("digits/checkpoints", &strs(&digits_args()));
+    let expected = read_json(&fixture("digits/expected/aswa_accuracy.json"));
+    assert_matches_reference(&report, &expected, SCORE_TOL);
+    // The fixture exercises every decision.
+    let decisions: Vec<&str> = report["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["decision"].as_str().unwrap())
+        .collect();
+    for d in ["init", "hard", "soft", "reject"] {
+        assert!(decisions.contains(&d), "no {d} step in {decisions:?}");
+    }
+    assert_weights_match(
+        &run.out(),
+        &fixture("digits/expected/aswa_accuracy.safetensors"),
+    );
+    assert_eq!(report["strategy"], "aswa");
+    assert_eq!(report["output"], run.out().display().to_string());
+}
+
+#[test]
+fn output_metadata_records_how_it_was_made() {
+    let run = Run::new();
+    let report = run.ok("digits/checkpoints", &strs(&digits_args()));
+    let (tensors, meta) = read_st(&run.out());
+    assert_eq!(meta["aswa_merge.version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(meta["aswa_merge.strategy"], "aswa");
+    assert_eq!(meta["aswa_merge.metric"], "accuracy");
+    assert_eq!(meta["format"], "pt");
+    let members: Vec<String> = serde_json::from_str(&meta["aswa_merge.members"]).unwrap();
+    assert_eq!(members.len(), 3);
+    let score: f64 = meta["aswa_merge.val_score"].parse().unwrap();
+    assert!((score - report["val_score"].as_f64().unwrap()).abs() < 1e-6);
+    // The integer buffer is carried over from the newest member, not averaged.
+    let (newest, _) = read_st(&fixture("digits/checkpoints/epoch_14.safetensors"));
+    assert_eq!(
+        tensors["bn.num_batches_tracked"],
+        newest["bn.num_batches_tracked"]
+    );
+    assert_eq!(tensors["bn.num_batches_tracked"].shape, Vec::<usize>::new());
+}
+
+#[test]
+fn digits_cross_entropy_is_minimised() {
+    let run = Run::new();
+    let mut args = digits_args();
+    args.extend(["--metric".into(), "cross-entropy".into()]);
+    let report = run.ok("digits/checkpoints", &strs(&args));
+    assert_eq!(report["higher_is_better"], false);
+    assert_matches_reference(
+        &report,
+        &read_json(&fixture("digits/expected/aswa_cross_entropy.json")),
+        SCORE_TOL,
+    );
+    assert_weights_match(
+        &run.out(),
+        &fixture("digits/expected/aswa_cross_entropy.safetensors"),
+    );
+}
+
+#[test]
+fn accept_ties_turns_an_equal_lookahead_into_a_soft_update() {
+    let run = Run::new();
+    let mut args = digits_args();
+    args.push("--accept-ties".into());
+    let report = run.ok("digits/checkpoints", &strs(&args));
+    assert_eq!(report["accept_ties"], true);
+    assert_matches_reference(
+        &report,
+        &read_json(&fixture("digits/expected/aswa_accuracy_ties.json")),
+        SCORE_TOL,
+    );
+}
+
+#[test]
+fn half_precision_checkpoints_average_in_wider_precision_and_round_back() {
+    for kind in ["f16", "bf16"] {
+        let run = Run::new();
+        let report = run.ok(&format!("digits_{kind}/checkpoints"), &strs(&digits_args()));
+        assert_matches_reference(
+            &report,
+            &read_json(&fixture(&format!(
+                "digits_{kind}/expected/aswa_accuracy.json"
+            ))),
+            SCORE_TOL,
+        );
+        assert_weights_match(
+            &run.out(),
+            &fixture(&format!("digits_{kind}/expected/aswa_accuracy.safetensors")),
+        );
+        let (t, _) = read_st(&run.out());
+        let want = if kind == "f16" {
+            safetensors::Dtype::F16
+        } else {
+            safetensors::Dtype::BF16
+        };
+        assert_eq!(
+            t["fc1.weight"].dtype, want,
+            "{kind}: output keeps the checkpoints' dtype"
+        );
+    }
+}
+
+#[test]
+fn knowledge_graph_ranking_with_filter_matches_the_reference() {
+    let run = Run::new();
+    let val = fixture("kge/val.npz").display().to_string();
+    let filter = fixture("kge/filter.npz").display().to_string();
+    let report = run.ok(
+        "kge/checkpoints",
+        &["--val", &val, "--metric", "mrr", "--filter", &filter],
+    );
+    assert_matches_reference(
+        &report,
+        &read_json(&fixture("kge/expected/aswa_mrr_filtered.json")),
+        SCORE_TOL,
+    );
+    assert_weights_match(
+        &run.out(),
+        &fixture("kge/expected/aswa_mrr_filtered.safetensors"),
+    );
+
+    let run = Run::new();
+    let report = run.ok("kge/checkpoints", &["--val", &val, "--metric", "hits@3"]);
+    assert_matches_reference(
+        &report,
+        &read_json(&fixture("kge/expected/aswa_hits3.json")),
+        SCORE_TOL,
+    );
+}
+
+#[test]
+fn inline_and_external_data_models_compressed_npz_and_batch_sizes_agree() {
+    let base = Run::new();
+    let report = base.ok("digits/checkpoints", &strs(&digits_args()));
+    let variants: Vec<Vec<String>> = vec![
+        vec![
+            "--model".into(),
+            fixture("digits/inline/model.onnx").display().to_string(),
+            "--val".into(),
+            fixture("digits/val.npz").display().to_string(),
+        ],
+        vec![
+            "--model".into(),
+            fixture("digits/model.onnx").display().to_string(),
+            "--val".into(),
+            fixture("digits/val_compressed.npz").display().to_string(),
+        ],
+        [digits_args(), vec!["--batch-size".into(), "1".into()]].concat(),
+        [digits_args(), vec!["--batch-size".into(), "100000".into()]].concat(),
+    ];
+    for args in variants {
+        let run = Run::new();
+        let other = run.ok("digits/checkpoints", &strs(&args));
+        assert_matches_reference(&other, &report, SCORE_TOL);
+        assert!(
+            read_st(&run.out()).0 == read_st(&base.out()).0,
+            "{args:?}: same decisions must give the same tensors"
+        );
+    }
+}
+
+#[test]
+fn output_is_bit_identical_whatever_the_thread_count() {
+    let outputs: Vec<Vec<u8>> = ["1", "2", "8"]
+        .iter()
+        .map(|t| {
+            let run = Run::new();
+            let mut args = digits_args();
+            args.extend([
+                "--threads".into(),
+                (*t).into(),
+                "--metric".into(),
+                "cross-entropy".into(),
+            ]);
+            run.ok("digits/checkpoints", &strs(&args));
+            std::fs::read(run.out()).unwrap()
+        })
+        .collect();
+    assert!(outputs[0] == outputs[1], "1 and 2 threads differ");
+    assert!(outputs[0] == outputs[2], "1 and 8 threads differ");
+}
+
+/// Copies the digits checkpoints into a fresh directory (with the model beside them).
+fn digits_copy(dir: &std::path::Path, epochs: &[usize]) -> std::path::PathBuf {
+    let ck = dir.join("checkpoints");
+    std::fs::create_dir_all(&ck).unwrap();
+    for e in epochs {
+        let name = format!("epoch_{e}.safetensors");
+        std::fs::copy(fixture("digits/checkpoints").join(&name), ck.join(&name)).unwrap();
+    }
+    for f in ["model.onnx", "model.onnx.data", "val.npz"] {
+        std::fs::copy(fixture("digits").join(f), dir.join(f)).unwrap();
+    }
+    ck
+}
+
+#[test]
+fn the_output_is_never_taken_for_a_checkpoint_on_a_second_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ck = digits_copy(tmp.path(), &(1..=15).collect::<Vec<_>>());
+    let out = ck.join("aswa.safetensors");
+    let val = tmp.path().join("val.npz");
+    for _ in 0..2 {
+        cmd()
+            .arg(&ck)
+            .arg("--val")
+            .arg(&val)
+            .arg("-o")
+            .arg(&out)
+            .assert()
+            .success();
+    }
+    // Written under another name, the second run still skips it (its metadata says
+    // aswa-merge wrote it).
+    let report = tmp.path().join("r.json");
+    cmd()
+        .arg(&ck)
+        .arg("--val")
+        .arg(&val)
+        .arg("-o")
+        .arg(tmp.path().join("other.safetensors"))
+        .arg("--report")
+        .arg(&report)
+        .assert()
+        .success()
+        .stderr(contains("skipping").and(contains("written by aswa-merge")));
+    let r = read_json(&report);
+    assert_eq!(r["checkpoints"].as_array().unwrap().len(), 15);
+    assert_eq!(r["skipped"].as_array().unwrap().len(), 1);
+}
+
+#[test]
+fn a_single_checkpoint_is_its_own_result() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ck = digits_copy(tmp.path(), &[7]);
+    let out = tmp.path().join("out.safetensors");
+    cmd()
+        .arg(&ck)
+        .arg("--val")
+        .arg(tmp.path().join("val.npz"))
+        .arg("-o")
+        .arg(&out)
+        .assert()
+        .success();
+    let (got, _) = read_st(&out);
+    let (want, _) = read_st(&ck.join("epoch_7.safetensors"));
+    assert_eq!(got, want);
+}
+
+#[test]
+fn glob_narrows_the_checkpoints_and_the_order_is_printed() {
+    let run = Run::new();
+    let mut args = digits_args();
+    args.extend(["--glob".into(), "epoch_1*.safetensors".into()]);
+    cmd()
+        .arg(fixture("digits/checkpoints"))
+        .args(&args)
+        .arg("-o")
+        .arg(run.out())
+        .arg("--report")
+        .arg(run.report())
+        .assert()
+        .success()
+        .stderr(contains(
+            "in this order: epoch_1.safetensors, epoch_10.safetensors, epoch_11.safetensors, \
+             epoch_12.safetensors, epoch_13.safetensors, epoch_14.safetensors, epoch_15.safetensors",
+        ));
+    let r = read_json(&run.report());
+    assert_eq!(r["checkpoints"].as_array().unwrap().len(), 7);
+}
+
+#[test]
+fn hugging_face_folders_and_shards_are_checkpoints() {
+    // checkpoint-N/ folders: one with model.safetensors, one sharded with an index.
+    let tmp = tempfile::tempdir().unwrap();
+    let ck = tmp.path().join("run");
+    std::fs::create_dir_all(&ck).unwrap();
+    let epochs = [12usize, 13, 14];
+    for (i, e) in epochs.iter().enumerate() {
+        let folder = ck.join(format!("checkpoint-{}", (i + 1) * 500));
+        std::fs::create_dir_all(&folder).unwrap();
+        let src = fixture(&format!("digits/checkpoints/epoch_{e}.safetensors"));
+        if i == 1 {
+            shard(&src, &folder);
+        } else {
+            std::fs::copy(&src, folder.join("model.safetensors")).unwrap();
+        }
+    }
+    let out = tmp.path().join("out.safetensors");
+    let report = tmp.path().join("r.json");
+    cmd()
+        .arg(&ck)
+        .args(strs(&digits_args()))
+        .arg("-o")
+        .arg(&out)
+        .arg("--report")
+        .arg(&report)
+        .assert()
+        .success();
+    let r = read_json(&report);
+    let names: Vec<String> = r["checkpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        names[0].ends_with("checkpoint-500/model.safetensors"),
+        "{names:?}"
+    );
+    assert!(names[1].ends_with("checkpoint-1000"), "{names:?}");
+    // Same three checkpoints as the end of the digits run: the reference says they
+    // average into the final ensemble, with the same weights.
+    assert_eq!(r["members"].as_array().unwrap().len(), 3);
+    assert_weights_match(&out, &fixture("digits/expected/aswa_accuracy.safetensors"));
+}
+
+/// Splits a safetensors file into two shards plus `model.safetensors.index.json`.
+fn shard(src: &std::path::Path, folder: &std::path::Path) {
+    let (tensors, _) = read_st(src);
+    let names: Vec<&String> = tensors.keys().collect();
+    let (a, b) = names.split_at(names.len() / 2);
+    let mut weight_map = serde_json::Map::new();
+    for (part, file) in [
+        (a, "model-00001-of-00002.safetensors"),
+        (b, "model-00002-of-00002.safetensors"),
+    ] {
+        let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = part
+            .iter()
+            .map(|n| {
+                let t = &tensors[*n];
+                (
+                    (*n).clone(),
+                    safetensors::tensor::TensorView::new(t.dtype, t.shape.clone(), &t.data)
+                        .unwrap(),
+                )
+            })
+            .collect();
+        safetensors::serialize_to_file(views, None, &folder.join(file)).unwrap();
+        for n in part {
+            weight_map.insert((*n).clone(), serde_json::Value::String(file.into()));
+        }
+    }
+    let index = serde_json::json!({"metadata": {"total_size": 0}, "weight_map": weight_map});
+    std::fs::write(
+        folder.join("model.safetensors.index.json"),
+        index.to_string(),
+    )
+    .unwrap();
+}
+
+#[test]
+fn help_explains_every_flag() {
+    let out = cmd()
+        .arg("--help")
+        .assert()
+        .success()
+        .get_output()
+        .stdout
+        .clone();
+    let help = String::from_utf8(out).unwrap();
+    for flag in [
+        "--val",
+        "--model",
+        "--output",
+        "--report",
+        "--metric",
+        "--labels",
+        "--input",
+        "--filter",
+        "--batch-size",
+        "--glob",
+        "--accept-ties",
+        "--allow-constant",
+        "--threads",
+        "--ort-lib",
+    ] {
+        assert!(help.contains(flag), "--help lacks {flag}");
+    }
+    assert!(help.contains("hard update") && help.contains("soft update"));
+}

@@ -1,0 +1,179 @@
+//! Helpers shared by the integration tests: running the built binary with the ONNX
+//! Runtime library, reading safetensors outputs, comparing with the Python reference.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use half::{bf16, f16};
+use safetensors::{Dtype, SafeTensors};
+
+/// The repository root.
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A path under `fixtures/`.
+pub fn fixture(rel: &str) -> PathBuf {
+    root().join("fixtures").join(rel)
+}
+
+/// The ONNX Runtime library the tests run with: `ORT_DYLIB_PATH`, else the one
+/// `scripts/setup-ort.sh` puts in `.deps/`.
+pub fn ort_lib() -> String {
+    if let Ok(p) = std::env::var("ORT_DYLIB_PATH") {
+        if !p.is_empty() {
+            return p;
+        }
+    }
+    let local = root().join(".deps/onnxruntime/libonnxruntime.so.1.31.1");
+    assert!(
+        local.is_file(),
+        "ONNX Runtime library not found: run the tests with scripts/test.sh (it fetches it), \
+         or set ORT_DYLIB_PATH"
+    );
+    local.display().to_string()
+}
+
+/// The `aswa-merge` binary, with the ONNX Runtime library set.
+pub fn cmd() -> assert_cmd::Command {
+    let mut c = assert_cmd::Command::cargo_bin("aswa-merge").expect("binary built");
+    c.env("ORT_DYLIB_PATH", ort_lib());
+    c
+}
+
+/// A tensor read back from a safetensors file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tensor {
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    pub data: Vec<u8>,
+}
+
+impl Tensor {
+    /// Values as f64 (float dtypes only).
+    pub fn values(&self) -> Vec<f64> {
+        match self.dtype {
+            Dtype::F32 => self
+                .data
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64)
+                .collect(),
+            Dtype::F16 => self
+                .data
+                .chunks_exact(2)
+                .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f64())
+                .collect(),
+            Dtype::BF16 => self
+                .data
+                .chunks_exact(2)
+                .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f64())
+                .collect(),
+            other => panic!("not a float dtype: {other:?}"),
+        }
+    }
+}
+
+/// All tensors and the metadata of a safetensors file.
+pub fn read_st(path: &Path) -> (BTreeMap<String, Tensor>, BTreeMap<String, String>) {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let st = SafeTensors::deserialize(&bytes).expect("valid safetensors");
+    let tensors = st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| {
+            (
+                n,
+                Tensor {
+                    dtype: v.dtype(),
+                    shape: v.shape().to_vec(),
+                    data: v.data().to_vec(),
+                },
+            )
+        })
+        .collect();
+    let (_, meta) = SafeTensors::read_metadata(&bytes).expect("valid header");
+    let meta = meta
+        .metadata()
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .collect();
+    (tensors, meta)
+}
+
+/// The JSON file at `path`.
+pub fn read_json(path: &Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).expect("valid JSON")
+}
+
+/// File name of a path string.
+pub fn file_name(p: &str) -> String {
+    Path::new(p)
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// Relative difference of two scores, 0 when both are equal (or both null/NaN).
+fn score_close(a: &serde_json::Value, b: &serde_json::Value, tol: f64) -> bool {
+    match (a.as_f64(), b.as_f64()) {
+        (Some(x), Some(y)) => (x - y).abs() <= tol * y.abs().max(1e-12),
+        (None, None) => true,
+        _ => false,
+    }
+}
+
+/// Asserts that a `--report` agrees with the Python reference's expected JSON: the same
+/// checkpoint order, decisions and member counts at every step, the same final members,
+/// and scores equal within `tol` relative (float32 forward passes may differ in the last
+/// bits with another batch size or thread count).
+pub fn assert_matches_reference(
+    report: &serde_json::Value,
+    expected: &serde_json::Value,
+    tol: f64,
+) {
+    let names = |v: &serde_json::Value| -> Vec<String> {
+        v.as_array()
+            .expect("array")
+            .iter()
+            .map(|s| file_name(s.as_str().expect("string")))
+            .collect()
+    };
+    assert_eq!(
+        names(&report["checkpoints"]),
+        names(&expected["checkpoints"]),
+        "checkpoint order"
+    );
+    assert_eq!(report["metric"], expected["metric"]);
+    assert_eq!(report["higher_is_better"], expected["higher_is_better"]);
+    let got = report["steps"].as_array().expect("steps");
+    let want = expected["steps"].as_array().expect("steps");
+    assert_eq!(got.len(), want.len());
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert_eq!(
+            g["decision"], w["decision"],
+            "step {i}: decision\n got: {g}\nwant: {w}"
+        );
+        assert_eq!(g["members"], w["members"], "step {i}: members");
+        for field in ["running_score", "lookahead_score", "ensemble_score"] {
+            assert!(
+                score_close(&g[field], &w[field], tol),
+                "step {i}: {field}: got {} want {}",
+                g[field],
+                w[field]
+            );
+        }
+    }
+    assert_eq!(
+        names(&report["members"]),
+        names(&expected["members"]),
+        "final members"
+    );
+    assert!(score_close(
+        &report["val_score"],
+        &expected["val_score"],
+        tol
+    ));
+}
