@@ -57,7 +57,6 @@ pub fn run(cfg: &MergeConfig) -> Result<Report> {
         &cfg.checkpoints,
         &DiscoverOptions {
             glob: cfg.glob.clone(),
-            exclude: vec![cfg.output.clone()],
         },
     )?;
     for (path, why) in &found.skipped {

@@ -36,8 +36,6 @@ pub struct Discovery {
 pub struct DiscoverOptions {
     /// Keep only checkpoints whose name (relative to the directory) matches.
     pub glob: Option<String>,
-    /// Paths never to take as checkpoints (the output, for instance).
-    pub exclude: Vec<PathBuf>,
 }
 
 /// Finds and orders the checkpoints in `dir`.
@@ -54,11 +52,6 @@ pub fn discover(dir: &Path, options: &DiscoverOptions) -> Result<Discovery> {
         }
         None => None,
     };
-    let exclude: Vec<PathBuf> = options
-        .exclude
-        .iter()
-        .filter_map(|p| canonical(p))
-        .collect();
     let mut out = Discovery::default();
 
     let mut entries: Vec<PathBuf> = fs::read_dir(dir)
@@ -98,11 +91,6 @@ pub fn discover(dir: &Path, options: &DiscoverOptions) -> Result<Discovery> {
             if !p.matches(&name) {
                 continue;
             }
-        }
-        if canonical(source.path()).is_some_and(|c| exclude.contains(&c)) {
-            out.skipped
-                .push((source.path().to_path_buf(), "it is the output path".into()));
-            continue;
         }
         if let CheckpointSource::File(f) = &source {
             if written_by_us(f) {
@@ -149,10 +137,6 @@ pub fn last_number(name: &str) -> Option<u64> {
         .rposition(|b| !b.is_ascii_digit())
         .map_or(0, |i| i + 1);
     Some(name[start..end].parse().unwrap_or(u64::MAX))
-}
-
-fn canonical(p: &Path) -> Option<PathBuf> {
-    fs::canonicalize(p).ok()
 }
 
 fn is_index(p: &Path) -> bool {
@@ -304,21 +288,10 @@ mod tests {
             d.path(),
             &DiscoverOptions {
                 glob: Some("epoch_*".into()),
-                exclude: vec![],
             },
         )
         .unwrap();
         assert_eq!(only.checkpoints.len(), 3);
-
-        let excl = discover(
-            d.path(),
-            &DiscoverOptions {
-                glob: None,
-                exclude: vec![d.path().join("epoch_2.safetensors")],
-            },
-        )
-        .unwrap();
-        assert_eq!(excl.checkpoints.len(), 4);
     }
 
     #[test]

@@ -1,0 +1,292 @@
+//! Bad inputs: each must give a clear message naming the file and the tensor or array,
+//! exit code 2, and no output file; inputs are never modified.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use common::*;
+use predicates::prelude::*;
+use predicates::str::contains;
+
+/// A scratch directory with copies of digits checkpoints `epochs`, the model and val.npz.
+struct Case {
+    dir: tempfile::TempDir,
+}
+
+impl Case {
+    fn digits(epochs: &[usize]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let ck = dir.path().join("checkpoints");
+        std::fs::create_dir_all(&ck).unwrap();
+        for e in epochs {
+            let name = format!("epoch_{e}.safetensors");
+            std::fs::copy(fixture("digits/checkpoints").join(&name), ck.join(&name)).unwrap();
+        }
+        for f in ["model.onnx", "model.onnx.data", "val.npz"] {
+            std::fs::copy(fixture("digits").join(f), dir.path().join(f)).unwrap();
+        }
+        Self { dir }
+    }
+    fn ck(&self) -> PathBuf {
+        self.dir.path().join("checkpoints")
+    }
+    fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+    fn out(&self) -> PathBuf {
+        self.path("out.safetensors")
+    }
+    /// Runs with the given extra args; asserts exit 2, every `needles` in stderr, no output.
+    fn fails(&self, args: &[&str], needles: &[&str]) {
+        let mut c = cmd();
+        c.arg(self.ck()).arg("-o").arg(self.out()).args(args);
+        if !args.contains(&"--val") {
+            c.arg("--val").arg(self.path("val.npz"));
+        }
+        let mut assert = c.assert().code(2);
+        for n in needles {
+            assert = assert.stderr(contains(*n));
+        }
+        assert!(!self.out().exists(), "an output was written");
+        let leftovers: Vec<_> = std::fs::read_dir(self.dir.path())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+            .collect();
+        assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
+    }
+}
+
+/// Rewrites the checkpoint at `path` after `edit` changes its tensors.
+fn rewrite(path: &Path, edit: impl FnOnce(&mut BTreeMap<String, Tensor>)) {
+    let (mut tensors, _) = read_st(path);
+    edit(&mut tensors);
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
+        .iter()
+        .map(|(n, t)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(t.dtype, t.shape.clone(), &t.data).unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, path).unwrap();
+}
+
+fn sha(path: &Path) -> Vec<u8> {
+    std::fs::read(path).unwrap()
+}
+
+#[test]
+fn empty_directory() {
+    let case = Case::digits(&[]);
+    case.fails(
+        &["--model", case.path("model.onnx").to_str().unwrap()],
+        &["no checkpoints found in", "*.safetensors"],
+    );
+}
+
+#[test]
+fn a_tensor_with_another_shape_names_the_file_and_the_tensor() {
+    let case = Case::digits(&[1, 2, 3]);
+    rewrite(&case.ck().join("epoch_2.safetensors"), |t| {
+        let w = t.get_mut("fc1.weight").unwrap();
+        w.shape = vec![32, 128];
+    });
+    case.fails(
+        &[],
+        &[
+            "epoch_2.safetensors",
+            "tensor `fc1.weight` has shape [32, 128], expected [64, 64]",
+        ],
+    );
+}
+
+#[test]
+fn a_missing_tensor_names_the_file_and_the_tensor() {
+    let case = Case::digits(&[1, 2, 3]);
+    rewrite(&case.ck().join("epoch_3.safetensors"), |t| {
+        t.remove("fc2.bias");
+    });
+    case.fails(
+        &[],
+        &["epoch_3.safetensors", "tensor `fc2.bias` is missing"],
+    );
+}
+
+#[test]
+fn another_dtype_names_the_file_and_the_tensor() {
+    let case = Case::digits(&[1, 2]);
+    let (f16, _) = read_st(&fixture("digits_f16/checkpoints/epoch_2.safetensors"));
+    rewrite(&case.ck().join("epoch_2.safetensors"), |t| {
+        t.insert("fc2.bias".into(), f16["fc2.bias"].clone());
+    });
+    case.fails(
+        &[],
+        &[
+            "epoch_2.safetensors",
+            "tensor `fc2.bias` has dtype F16, expected F32",
+        ],
+    );
+}
+
+#[test]
+fn a_checkpoint_tensor_that_is_not_in_the_model() {
+    let case = Case::digits(&[1, 2]);
+    for e in [1, 2] {
+        rewrite(&case.ck().join(format!("epoch_{e}.safetensors")), |t| {
+            let mut extra = t["fc2.bias"].clone();
+            extra.shape = vec![10];
+            t.insert("head.bias".into(), extra);
+        });
+    }
+    case.fails(
+        &[],
+        &[
+            "model.onnx",
+            "not initializers of the model (1): `head.bias`",
+            "dynamo=True, optimize=False",
+        ],
+    );
+}
+
+#[test]
+fn batchnorm_fused_at_export_is_refused_with_the_cause() {
+    let case = Case::digits(&[]);
+    let args = |model: &str| -> Vec<String> {
+        vec![
+            "--model".into(),
+            fixture(&format!("exports/{model}")).display().to_string(),
+            "--val".into(),
+            fixture("exports/val_images.npz").display().to_string(),
+        ]
+    };
+    let run = |model: &str, needles: &[&str]| {
+        let mut c = cmd();
+        c.arg(fixture("exports/cnn_checkpoints"))
+            .arg("-o")
+            .arg(case.out())
+            .args(args(model));
+        let mut a = c.assert().code(2);
+        for n in needles {
+            a = a.stderr(contains(*n));
+        }
+        assert!(!case.out().exists());
+    };
+    // optimize=True keeps `conv.weight` but changes its values: the BN tensors betray it.
+    run(
+        "fused_bn.onnx",
+        &["`bn.running_mean`", "BatchNorm was fused", "optimize=False"],
+    );
+    run(
+        "fused_bn_legacy.onnx",
+        &["onnx::Conv_", "BatchNorm was fused", "constant folding"],
+    );
+    // The same network exported correctly is accepted.
+    cmd()
+        .arg(fixture("exports/cnn_checkpoints"))
+        .arg("-o")
+        .arg(case.out())
+        .args(args("cnn.onnx"))
+        .assert()
+        .success();
+}
+
+#[test]
+fn constant_folded_weights_are_refused_with_the_cause() {
+    let case = Case::digits(&[]);
+    let mut c = cmd();
+    c.arg(fixture("exports/folded_checkpoints"))
+        .arg("-o")
+        .arg(case.out())
+        .arg("--model")
+        .arg(fixture("exports/folded.onnx"))
+        .arg("--val")
+        .arg(fixture("exports/val_images.npz"));
+    c.assert().code(2).stderr(
+        contains("onnx::MatMul_")
+            .and(contains("`fc1.weight`"))
+            .and(contains("constant folding")),
+    );
+    assert!(!case.out().exists());
+}
+
+#[test]
+fn validation_data_problems_name_the_array() {
+    let case = Case::digits(&[1, 2]);
+    case.fails(
+        &["--labels", "targets"],
+        &["val.npz", "no labels array `targets`", "`x`, `y`"],
+    );
+    let kge_val = fixture("kge/val.npz").display().to_string();
+    case.fails(
+        &["--val", &kge_val],
+        &["no array for model input `x`", "--input x=ARRAY"],
+    );
+    case.fails(
+        &["--input", "x=y"],
+        &["array `y` has shape [437] but model input `x` expects [?, 64]"],
+    );
+    let model = case.path("model.onnx").display().to_string();
+    case.fails(&["--val", &model], &["not a numpy .npz archive"]);
+}
+
+#[test]
+fn unknown_metric() {
+    let case = Case::digits(&[1, 2]);
+    case.fails(&["--metric", "f1"], &["unknown metric `f1`", "hits@K"]);
+    case.fails(&["--metric", "mse"], &[]);
+}
+
+#[test]
+fn a_file_that_is_not_onnx() {
+    let case = Case::digits(&[1, 2]);
+    let val = case.path("val.npz").display().to_string();
+    case.fails(&["--model", &val], &["val.npz", "not a valid ONNX model"]);
+}
+
+#[test]
+fn the_output_may_not_overwrite_an_input() {
+    let case = Case::digits(&[1, 2, 3]);
+    let target = case.ck().join("epoch_3.safetensors");
+    let before = sha(&target);
+    cmd()
+        .arg(case.ck())
+        .arg("--val")
+        .arg(case.path("val.npz"))
+        .arg("-o")
+        .arg(&target)
+        .assert()
+        .code(2)
+        .stderr(contains("epoch_3.safetensors").and(contains("is one of the inputs")));
+    assert_eq!(sha(&target), before, "an input was modified");
+    let model = case.path("model.onnx");
+    let before = sha(&model);
+    cmd()
+        .arg(case.ck())
+        .arg("--val")
+        .arg(case.path("val.npz"))
+        .arg("-o")
+        .arg(&model)
+        .assert()
+        .code(2);
+    assert_eq!(sha(&model), before);
+}
+
+#[test]
+fn a_missing_onnx_runtime_library_says_where_it_looked() {
+    let case = Case::digits(&[1, 2]);
+    case.fails(
+        &["--ort-lib", "/nonexistent/libonnxruntime.so"],
+        &["--ort-lib", "/nonexistent/libonnxruntime.so"],
+    );
+}
+
+#[test]
+fn model_discovery_refuses_ambiguity() {
+    let case = Case::digits(&[1, 2]);
+    std::fs::copy(case.path("model.onnx"), case.path("other.onnx")).unwrap();
+    case.fails(&[], &["several ONNX models", "--model"]);
+}
