@@ -278,6 +278,16 @@ def gen_digits():
     log(f"  initializer names == float state_dict keys: OK; files {sorted(os.listdir(out))}")
     os.makedirs(os.path.join(out, "inline"))
     save_inline(mpath, os.path.join(out, "inline", "model.onnx"))
+    # The same network exported with a fixed batch dimension of 100 (no dynamic_shapes):
+    # 437 validation rows then need a padded last batch.
+    os.makedirs(os.path.join(out, "fixed_batch"))
+    tmp_fixed = os.path.join(out, "fixed_batch", "tmp.onnx")
+    export_quiet(model, (torch.from_numpy(x[val[:100]]),), tmp_fixed, dynamo=True, optimize=False,
+                 input_names=["x"], output_names=["logits"])
+    save_inline(tmp_fixed, os.path.join(out, "fixed_batch", "model.onnx"))
+    for f in os.listdir(os.path.join(out, "fixed_batch")):
+        if f != "model.onnx":
+            os.remove(os.path.join(out, "fixed_batch", f))
 
     # the exported graph reproduces torch on the validation set
     import onnxruntime as ort
@@ -589,6 +599,7 @@ under 1e-5 relative noise on the model outputs).
 | `digits/checkpoints/epoch_{1..15}.safetensors` | MLP `fc1` Linear(64,64) -> `bn` BatchNorm1d(64) -> ReLU -> `fc2` Linear(64,10), state_dict after each epoch (f32 + int64 0-dim `bn.num_batches_tracked`); names not zero-padded (natural order epoch_2 < epoch_10) |
 | `digits/model.onnx` + `model.onnx.data` | `torch.onnx.export(dynamo=True, optimize=False)`, eval mode, dynamic batch; torch's default external data: `fc1.weight` and `fc2.weight` in `model.onnx.data`, the rest inline |
 | `digits/inline/model.onnx` | the same model, all initializers inline |
+| `digits/fixed_batch/model.onnx` | the same model exported with a fixed batch dimension of 100 (all inline) |
 | `digits/val.npz`, `val_compressed.npz`, `test.npz` | `x` f32 [437,64] in [0,1], `y` int64 [437]; val_compressed = same arrays via `np.savez_compressed`; test is disjoint |
 | `digits/expected/` | `aswa_accuracy.json`+`.safetensors`, `aswa_cross_entropy.json`+`.safetensors`, `aswa_accuracy_ties.json` (`--accept-ties`) |
 | `digits_f16/checkpoints/`, `digits_bf16/checkpoints/` | the digits checkpoints with float tensors cast to F16 / BF16 (`num_batches_tracked` stays I64). No model copy: use `--model fixtures/digits/model.onnx --val fixtures/digits/val.npz` |
@@ -628,7 +639,7 @@ def write_readme():
         lines.append(f"metric `{r['metric']}` (higher_is_better={str(r['higher_is_better']).lower()}, "
                      f"accept_ties={str(r['accept_ties']).lower()}); final members "
                      f"{', '.join(m.replace('.safetensors', '') for m in r['members'])}; val_score {r['val_score']:.6f}\n")
-        lines.append("| checkpoint | score | lookahead | decision | running | n |")
+        lines.append("| checkpoint | running (checkpoint) score | look-ahead | decision | ensemble | n |")
         lines.append("|---|---|---|---|---|---|")
         for st in r["steps"]:
             la = "-" if st["lookahead_score"] is None else f"{st['lookahead_score']:.6f}"

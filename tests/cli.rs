@@ -490,3 +490,76 @@ fn help_explains_every_flag() {
     }
     assert!(help.contains("hard update") && help.contains("soft update"));
 }
+
+#[test]
+fn a_model_with_a_fixed_batch_dimension_gets_a_padded_last_batch() {
+    let run = Run::new();
+    let model = fixture("digits/fixed_batch/model.onnx")
+        .display()
+        .to_string();
+    let val = fixture("digits/val.npz").display().to_string();
+    cmd()
+        .arg(fixture("digits/checkpoints"))
+        .args(["--model", &model, "--val", &val, "--batch-size", "64"])
+        .arg("-o")
+        .arg(run.out())
+        .arg("--report")
+        .arg(run.report())
+        .assert()
+        .success()
+        .stderr(contains("batches of 100"));
+    let report = read_json(&run.report());
+    assert_eq!(report["batch_size"], 100);
+    assert_matches_reference(
+        &report,
+        &read_json(&fixture("digits/expected/aswa_accuracy.json")),
+        SCORE_TOL,
+    );
+}
+
+#[test]
+fn a_diverged_checkpoint_is_scored_reported_and_rejected() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ck = digits_copy(tmp.path(), &[12, 13, 14]);
+    // epoch_15 diverged: NaN weights.
+    let (mut tensors, _) = read_st(&fixture("digits/checkpoints/epoch_15.safetensors"));
+    let w = tensors.get_mut("fc1.weight").unwrap();
+    w.data = w
+        .data
+        .chunks_exact(4)
+        .flat_map(|_| f32::NAN.to_le_bytes())
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
+        .iter()
+        .map(|(n, t)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(t.dtype, t.shape.clone(), &t.data).unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &ck.join("epoch_15.safetensors")).unwrap();
+    let out = tmp.path().join("out.safetensors");
+    let report = tmp.path().join("r.json");
+    cmd()
+        .arg(&ck)
+        .arg("--val")
+        .arg(tmp.path().join("val.npz"))
+        .arg("-o")
+        .arg(&out)
+        .arg("--report")
+        .arg(&report)
+        .assert()
+        .success()
+        .stderr(contains("NaN"));
+    let r = read_json(&report);
+    let last = &r["steps"][3];
+    assert_eq!(last["decision"], "reject");
+    assert!(
+        last["running_score"].is_null() && last["lookahead_score"].is_null(),
+        "{last}"
+    );
+    assert_eq!(r["members"].as_array().unwrap().len(), 3);
+    let (got, _) = read_st(&out);
+    assert!(got["fc1.weight"].values().iter().all(|v| v.is_finite()));
+}
