@@ -529,16 +529,7 @@ fn a_diverged_checkpoint_is_scored_reported_and_rejected() {
         .chunks_exact(4)
         .flat_map(|_| f32::NAN.to_le_bytes())
         .collect();
-    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
-        .iter()
-        .map(|(n, t)| {
-            (
-                n.clone(),
-                safetensors::tensor::TensorView::new(t.dtype, t.shape.clone(), &t.data).unwrap(),
-            )
-        })
-        .collect();
-    safetensors::serialize_to_file(views, None, &ck.join("epoch_15.safetensors")).unwrap();
+    write_st(&ck.join("epoch_15.safetensors"), &tensors);
     let out = tmp.path().join("out.safetensors");
     let report = tmp.path().join("r.json");
     cmd()

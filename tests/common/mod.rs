@@ -177,3 +177,16 @@ pub fn assert_matches_reference(
         tol
     ));
 }
+
+/// Writes `tensors` to `path` as safetensors (with the reference `safetensors` crate).
+pub fn write_st(path: &Path, tensors: &BTreeMap<String, Tensor>) {
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
+        .iter()
+        .map(|(n, t)| {
+            let view = safetensors::tensor::TensorView::new(t.dtype, t.shape.clone(), &t.data)
+                .expect("consistent tensor");
+            (n.clone(), view)
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, path).expect("write safetensors");
+}
