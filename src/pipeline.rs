@@ -293,6 +293,7 @@ fn check_output_is_new(cfg: &MergeConfig, set: &CheckpointSet, model: &Path) -> 
     inputs.push(data_file);
     for c in set.checkpoints() {
         inputs.push(c.path().to_path_buf());
+        inputs.extend(c.files().map(Path::to_path_buf));
         if let crate::storage::CheckpointSource::Sharded { index } = c.source() {
             inputs.push(index.clone());
         }
@@ -303,6 +304,16 @@ fn check_output_is_new(cfg: &MergeConfig, set: &CheckpointSet, model: &Path) -> 
         outputs.push(("report", r));
     }
     for (what, out) in outputs {
+        let dir = match out.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        if !dir.is_dir() {
+            return Err(Error::Output {
+                path: out.clone(),
+                message: format!("the {what}'s directory {} does not exist", dir.display()),
+            });
+        }
         if let Some(c) = canon(out) {
             if input_canon.contains(&c) {
                 return Err(Error::Output {

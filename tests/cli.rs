@@ -126,6 +126,16 @@ fn digits_accuracy_matches_the_python_reference() {
     );
     assert_eq!(report["strategy"], "aswa");
     assert_eq!(report["output"], run.out().display().to_string());
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(run.out()).unwrap().permissions().mode();
+        assert_eq!(
+            mode & 0o777,
+            0o644,
+            "the output is readable by others, as files usually are"
+        );
+    }
 }
 
 #[test]

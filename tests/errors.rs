@@ -281,3 +281,19 @@ fn model_discovery_refuses_ambiguity() {
     std::fs::copy(case.path("model.onnx"), case.path("other.onnx")).unwrap();
     case.fails(&[], &["several ONNX models", "--model"]);
 }
+
+#[test]
+fn a_missing_output_directory_is_refused_before_scoring() {
+    let case = Case::digits(&[1, 2]);
+    let out = case.path("no/such/dir/out.safetensors");
+    cmd()
+        .arg(case.ck())
+        .arg("--val")
+        .arg(case.path("val.npz"))
+        .arg("-o")
+        .arg(&out)
+        .assert()
+        .code(2)
+        .stderr(contains("does not exist").and(contains("scoring with").not()));
+    assert!(!out.exists());
+}

@@ -120,35 +120,7 @@ impl Report {
 
 /// Writes `bytes` to `path` through a temporary file and a rename.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> crate::Result<()> {
-    use std::io::Write;
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    let err = |m: String| crate::Error::Output {
-        path: path.to_path_buf(),
-        message: m,
-    };
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".aswa-merge.")
-        .suffix(".tmp")
-        .tempfile_in(dir)
-        .map_err(|e| {
-            err(format!(
-                "cannot create a temporary file in {}: {e}",
-                dir.display()
-            ))
-        })?;
-    tmp.write_all(bytes)
-        .and_then(|_| tmp.as_file().sync_all())
-        .map_err(|e| err(format!("write failed: {e}")))?;
-    tmp.persist(path).map_err(|e| {
-        err(format!(
-            "cannot move the finished file into place: {}",
-            e.error
-        ))
-    })?;
-    Ok(())
+    crate::storage::writer::atomic_write(path, |w| std::io::Write::write_all(w, bytes))
 }
 
 /// A score as shown to people: six decimals, `NaN` spelled out.

@@ -333,9 +333,20 @@ impl Filter {
                 "`indptr` must start at 0, never decrease, and end at len(indices)".into(),
             ));
         }
+        // Each row's candidates sorted and de-duplicated: a candidate listed twice must
+        // be left out once, not twice.
+        let mut rows_out = Vec::with_capacity(indices.len());
+        let mut ptr = vec![0usize];
+        for w in indptr.windows(2) {
+            let mut row = indices[w[0] as usize..w[1] as usize].to_vec();
+            row.sort_unstable();
+            row.dedup();
+            rows_out.extend(row);
+            ptr.push(rows_out.len());
+        }
         Ok(Self {
-            indptr: indptr.into_iter().map(|v| v as usize).collect(),
-            indices,
+            indptr: ptr,
+            indices: rows_out,
         })
     }
 
@@ -514,4 +525,30 @@ fn check_shape(path: &Path, array: &str, shape: &[usize], input: &ValueInfo) -> 
             fmt(expected)
         ),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::arr1;
+    use ndarray_npy::NpzWriter;
+
+    #[test]
+    fn filter_rows_are_deduplicated_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f.npz");
+        let mut w = NpzWriter::new(File::create(&p).unwrap());
+        w.add_array("indptr", &arr1(&[0i64, 3, 3, 5])).unwrap();
+        w.add_array("indices", &arr1(&[4i64, 1, 4, 2, 2])).unwrap();
+        w.finish().unwrap();
+        let f = Filter::load(&p, 3).unwrap();
+        assert_eq!(f.row(0), &[1, 4]);
+        assert_eq!(f.row(1), &[] as &[i64]);
+        assert_eq!(f.row(2), &[2]);
+        let err = Filter::load(&p, 4).unwrap_err().to_string();
+        assert!(
+            err.contains("`indptr` has 4 entries; expected rows + 1 = 5"),
+            "{err}"
+        );
+    }
 }

@@ -356,13 +356,18 @@ fn mismatch_message(
         .any(|m| m.ends_with("running_mean") || m.ends_with("running_var"));
     let has_bn = model.op_types().contains("BatchNormalization");
     msg += "\n  likely cause: the exporter changed the weights, so replacing them by name would score a different model:";
-    if bn_missing && !has_bn {
+    let fused = bn_missing && !has_bn;
+    if fused {
         msg += "\n  - BatchNorm was fused into the preceding layers (the model has no BatchNormalization node, \
                  but the checkpoints have running statistics): `torch.onnx.export(..., optimize=True)` does this";
     }
     if folded {
         msg += "\n  - constant folding produced new weights (names like `onnx::MatMul_123` are computed from the \
                  parameters, e.g. transposed copies)";
+    }
+    if !folded && !fused {
+        msg += "\n  - the model and the checkpoints come from different architectures or versions of the code, \
+                 or the exporter renamed or merged parameters";
     }
     msg += "\n  fix: export with `torch.onnx.export(model, args, path, dynamo=True, optimize=False)` \
             (legacy exporter: `dynamo=False, do_constant_folding=False`), from the same architecture as the \

@@ -150,6 +150,11 @@ impl Checkpoint {
         &self.metadata
     }
 
+    /// The files the checkpoint is read from (one, or every shard).
+    pub fn files(&self) -> impl Iterator<Item = &Path> {
+        self.shards.iter().map(MappedFile::path)
+    }
+
     /// Total bytes of the checkpoint's files.
     pub fn size_bytes(&self) -> u64 {
         self.shards.iter().map(MappedFile::len).sum()

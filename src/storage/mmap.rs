@@ -7,9 +7,10 @@
 //! place while we read it could give a wrong average or a `SIGBUS`. We cannot prevent
 //! that from user space; we narrow it: the file's size and modification time are
 //! recorded when it is mapped and checked again by [`MappedFile::check_unchanged`]
-//! after every use, so a change is reported as an error instead of going unnoticed.
-//! Well-behaved writers (safetensors, `torch.save`, this tool) write a temporary file
-//! and rename it, which leaves our mapping of the old file intact.
+//! once scoring is done and before anything is written, so a change is reported as an
+//! error instead of going unnoticed. Writers that write a temporary file and rename it
+//! (as this tool does) leave our mapping of the old file intact; a writer that rewrites
+//! the file in place does not.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};

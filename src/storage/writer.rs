@@ -73,6 +73,27 @@ pub fn write_safetensors(
         header_bytes.push(b' ');
     }
 
+    atomic_write(path, |w| {
+        w.write_all(&(header_bytes.len() as u64).to_le_bytes())?;
+        w.write_all(&header_bytes)?;
+        for t in &order {
+            w.write_all(t.data)?;
+        }
+        Ok(())
+    })
+}
+
+/// Writes a file atomically: `write` fills a temporary file in `path`'s directory,
+/// which is flushed, synced, given the usual `rw-r--r--` permissions and renamed over
+/// `path`. On any error the temporary file is removed and `path` is untouched.
+pub fn atomic_write(
+    path: &Path,
+    write: impl FnOnce(&mut BufWriter<&std::fs::File>) -> std::io::Result<()>,
+) -> Result<()> {
+    let out_err = |message: String| Error::Output {
+        path: path.to_path_buf(),
+        message,
+    };
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
@@ -93,17 +114,16 @@ pub fn write_safetensors(
         })?;
     {
         let mut w = BufWriter::with_capacity(1 << 20, tmp.as_file());
-        let write = |w: &mut BufWriter<&std::fs::File>, bytes: &[u8]| {
-            w.write_all(bytes)
-                .map_err(|e| out_err(format!("write failed: {e}")))
-        };
-        write(&mut w, &(header_bytes.len() as u64).to_le_bytes())?;
-        write(&mut w, &header_bytes)?;
-        for t in &order {
-            write(&mut w, t.data)?;
-        }
-        w.flush()
+        write(&mut w)
+            .and_then(|_| w.flush())
             .map_err(|e| out_err(format!("write failed: {e}")))?;
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        tmp.as_file()
+            .set_permissions(std::fs::Permissions::from_mode(0o644))
+            .map_err(|e| out_err(format!("cannot set permissions: {e}")))?;
     }
     tmp.as_file()
         .sync_all()
