@@ -314,7 +314,7 @@ fn check_output_is_new(cfg: &MergeConfig, set: &CheckpointSet, model: &Path) -> 
                 message: format!("the {what}'s directory {} does not exist", dir.display()),
             });
         }
-        if let Some(c) = canon(out) {
+        if let Some(c) = canon(out).or_else(|| normalized(out)) {
             if input_canon.contains(&c) {
                 return Err(Error::Output {
                     path: out.clone(),
@@ -331,10 +331,19 @@ fn check_output_is_new(cfg: &MergeConfig, set: &CheckpointSet, model: &Path) -> 
             }
         }
     }
-    if let (Some(r), o) = (&cfg.report, &cfg.output) {
-        if r == o {
+    if let Some(r) = &cfg.report {
+        if normalized(r) == normalized(&cfg.output) {
             return Err(Error::Usage("--report and -o name the same file".into()));
         }
     }
     Ok(())
+}
+
+/// `path` with its directory resolved (the file itself need not exist yet).
+fn normalized(path: &Path) -> Option<PathBuf> {
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    Some(std::fs::canonicalize(dir).ok()?.join(path.file_name()?))
 }

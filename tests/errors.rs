@@ -297,3 +297,13 @@ fn a_missing_output_directory_is_refused_before_scoring() {
         .stderr(contains("does not exist").and(contains("scoring with").not()));
     assert!(!out.exists());
 }
+
+#[test]
+fn the_report_may_not_replace_the_output_under_another_spelling() {
+    let case = Case::digits(&[1, 2]);
+    let report = case.dir.path().join(".").join("out.safetensors");
+    case.fails(
+        &["--report", report.to_str().unwrap()],
+        &["--report and -o name the same file"],
+    );
+}

@@ -115,8 +115,8 @@ impl Array {
             ElemType::F16 => Array::F16(self.to_f64().mapv(f16::from_f64)),
             ElemType::BF16 => Array::BF16(self.to_f64().mapv(bf16::from_f64)),
             ElemType::I64 => Array::I64(self.to_i64()?),
-            ElemType::I32 => Array::I32(self.to_i64()?.mapv(|v| v as i32)),
-            ElemType::U8 => Array::U8(self.to_i64()?.mapv(|v| v as u8)),
+            ElemType::I32 => Array::I32(narrow(self.to_i64()?)?),
+            ElemType::U8 => Array::U8(narrow(self.to_i64()?)?),
             ElemType::Bool => Array::Bool(self.to_i64()?.mapv(|v| v != 0)),
             _ => return None,
         })
@@ -152,6 +152,13 @@ impl Array {
             Array::Bool(a) => Array::Bool(take(a, start, end, pad_to)),
         }
     }
+}
+
+/// Integer values in a narrower type; `None` when one does not fit.
+fn narrow<T: TryFrom<i64>>(a: ArrayD<i64>) -> Option<ArrayD<T>> {
+    let shape = a.raw_dim();
+    let v: Option<Vec<T>> = a.iter().map(|&x| T::try_from(x).ok()).collect();
+    ArrayD::from_shape_vec(shape, v?).ok()
 }
 
 /// An open `.npz` archive.
@@ -431,7 +438,8 @@ pub fn load_validation(
             Error::data(
                 path,
                 format!(
-                    "array `{array_name}` is {} but model input `{}` takes {:?}",
+                    "array `{array_name}` is {} but model input `{}` takes {:?} \
+                     (floats are never truncated to integers; integers must fit the input's type)",
                     raw.dtype_name(),
                     input.name,
                     elem
@@ -498,6 +506,12 @@ pub fn load_validation(
 }
 
 fn check_shape(path: &Path, array: &str, shape: &[usize], input: &ValueInfo) -> Result<()> {
+    if shape.is_empty() {
+        return Err(Error::data(
+            path,
+            format!("array `{array}` is a scalar; expected rows along axis 0"),
+        ));
+    }
     let Some(expected) = &input.shape else {
         return Ok(());
     };

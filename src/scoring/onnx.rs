@@ -114,8 +114,11 @@ pub struct Initializer {
 }
 
 impl Initializer {
-    fn numel(&self) -> i64 {
-        self.dims.iter().product()
+    /// Element count; `None` for negative or overflowing dims (a malformed model).
+    fn numel(&self) -> Option<i64> {
+        self.dims
+            .iter()
+            .try_fold(1i64, |n, &d| if d < 0 { None } else { n.checked_mul(d) })
     }
 }
 
@@ -296,7 +299,7 @@ pub fn plan_binding(
     let mut constants: Vec<String> = inits
         .values()
         .filter(|i| i.elem.is_some_and(ElemType::is_float))
-        .filter(|i| i.numel() > 1)
+        .filter(|i| i.numel().is_none_or(|n| n > 1))
         .filter(|i| !from_checkpoints.contains(i.name.as_str()))
         .filter(|i| !allow_constant.contains(&i.name))
         .map(|i| i.name.clone())
@@ -440,18 +443,22 @@ fn inline_external(t: &mut proto::TensorProto, base: &Path, model_path: &Path) -
     if t.data_location() != DataLocation::External {
         return Ok(());
     }
+    let bad = |msg: String| Error::model(model_path, format!("initializer `{}`: {msg}", t.name()));
+    let number = |key: &str, v: &str| {
+        v.parse::<u64>()
+            .map_err(|_| bad(format!("external data `{key}` is `{v}`, not a byte count")))
+    };
     let mut location = None;
     let mut offset = 0u64;
     let mut length = None;
     for kv in &t.external_data {
         match kv.key() {
             "location" => location = Some(kv.value().to_string()),
-            "offset" => offset = kv.value().parse().unwrap_or(0),
-            "length" => length = kv.value().parse::<u64>().ok(),
+            "offset" => offset = number("offset", kv.value())?,
+            "length" => length = Some(number("length", kv.value())?),
             _ => {}
         }
     }
-    let bad = |msg: String| Error::model(model_path, format!("initializer `{}`: {msg}", t.name()));
     let location = location.ok_or_else(|| bad("external data without a location".into()))?;
     let file_path = base.join(&location);
     let mut f = std::fs::File::open(&file_path).map_err(|e| {

@@ -198,6 +198,14 @@ impl Scorer for OnnxScorer {
                 Error::Runtime(format!("the model did not produce output `{output}`"))
             })?;
             let (shape, values) = output_f32(value)?;
+            if pad.is_some() && values.len() == 1 {
+                return Err(Error::Metric(format!(
+                    "output `{output}` is one value per batch, but the model's fixed batch size {batch} \
+                     does not divide the {} validation rows, so the last batch would be padded and the \
+                     score skewed; use a validation set whose size is a multiple of {batch}",
+                    data.rows
+                )));
+            }
             let (shape, values) = match pad {
                 Some(_) if shape.first().is_some_and(|&d| d > rows) => {
                     let width = values.len() / shape[0];
