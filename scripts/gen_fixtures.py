@@ -560,6 +560,62 @@ def gen_exports():
 
 
 # ---------------------------------------------------------------------------
+# selection strategies (reference_strategies.py)
+# ---------------------------------------------------------------------------
+
+STRATEGY_PARAMS = dict(swa_start_at=10, swa_every=2, last=4, ema_decay=0.5, k=3, strict=True)
+STRATEGY_PARAMS_SET = ["swa", "uniform", "ema", "top-k", "greedy-soup"]
+
+
+def run_strategies_ref(ck, out_json, weights_dir, **kw):
+    import reference_strategies as rstrat
+
+    mpath = os.path.join(FIX, "digits", "model.onnx")
+    v = os.path.join(FIX, "digits", "val.npz")
+    t = os.path.join(FIX, "digits", "test.npz")
+    result, weights = rstrat.run_strategies(ck, mpath, v, t, "accuracy", **kw)
+    ref.write_json(out_json, result)
+    fresh_dir(weights_dir)
+    for s, w in weights.items():
+        p = os.path.join(weights_dir, f"{s}.safetensors")
+        ref.write_safetensors(p, w)
+        back = load_file(p)  # the safetensors library reads our writer's output back unchanged
+        for k, a in w.items():
+            tb = back[k]
+            if a.dtype == ref.BF16:
+                same = np.array_equal(tb.view(torch.int16).numpy().view(np.uint16), a.view(np.uint16))
+            else:
+                same = np.array_equal(tb.numpy(), a)
+            assert same, (p, k)
+    log(f"  {rel(out_json)} (+ {rel(weights_dir)}/)")
+    for s, r in result["strategies"].items():
+        log(f"    {s:>12s}: {[m.replace('.safetensors', '') for m in r['members']]} "
+            f"val={r['val_score']:.6f} test={r['test_score']:.6f}")
+    return result
+
+
+def gen_strategies():
+    log("== strategies")
+    res = {}
+    ex = os.path.join(FIX, "digits", "expected")
+    ck = os.path.join(FIX, "digits", "checkpoints")
+    res["digits"] = run_strategies_ref(ck, os.path.join(ex, "strategies_accuracy.json"),
+                                       os.path.join(ex, "strategies"))
+    res["digits_params"] = run_strategies_ref(ck, os.path.join(ex, "strategies_params.json"),
+                                              os.path.join(ex, "strategies_params"),
+                                              strategies=STRATEGY_PARAMS_SET, **STRATEGY_PARAMS)
+    exb = os.path.join(FIX, "digits_bf16", "expected")
+    res["bf16"] = run_strategies_ref(os.path.join(FIX, "digits_bf16", "checkpoints"),
+                                     os.path.join(exb, "strategies_accuracy.json"), os.path.join(exb, "strategies"))
+    # the fixture should tell the variants apart
+    d, p = res["digits"]["strategies"], res["digits_params"]["strategies"]
+    for s in STRATEGY_PARAMS_SET:
+        assert d[s]["members"] != p[s]["members"] or s == "ema", f"{s}: params do not change the members"
+    assert d["ema"]["val_score"] != p["ema"]["val_score"] or d["ema"]["test_score"] != p["ema"]["test_score"]
+    return res
+
+
+# ---------------------------------------------------------------------------
 
 README_HEAD = """# Test fixtures
 
@@ -602,8 +658,11 @@ under 1e-5 relative noise on the model outputs).
 | `digits/fixed_batch/model.onnx` | the same model exported with a fixed batch dimension of 100 (all inline) |
 | `digits/val.npz`, `val_compressed.npz`, `test.npz` | `x` f32 [437,64] in [0,1], `y` int64 [437]; val_compressed = same arrays via `np.savez_compressed`; test is disjoint |
 | `digits/expected/` | `aswa_accuracy.json`+`.safetensors`, `aswa_cross_entropy.json`+`.safetensors`, `aswa_accuracy_ties.json` (`--accept-ties`) |
+| `digits/expected/strategies_accuracy.json` + `strategies/<strategy>.safetensors` | all eight selection strategies, default parameters, accuracy, with test scores (see "Selection strategies") |
+| `digits/expected/strategies_params.json` + `strategies_params/<strategy>.safetensors` | swa, uniform, ema, top-k, greedy-soup with non-default parameters |
 | `digits_f16/checkpoints/`, `digits_bf16/checkpoints/` | the digits checkpoints with float tensors cast to F16 / BF16 (`num_batches_tracked` stays I64). No model copy: use `--model fixtures/digits/model.onnx --val fixtures/digits/val.npz` |
 | `digits_{f16,bf16}/expected/` | `aswa_accuracy.json`+`.safetensors` (final weights in F16/BF16), `aswa_cross_entropy.json` |
+| `digits_bf16/expected/strategies_accuracy.json` + `strategies/<strategy>.safetensors` | the eight strategies on the BF16 checkpoints (BF16 weights, rounded once from float64) |
 | `kge/checkpoints/epoch_{1..10}.safetensors` | DistMult, `ent.weight` [40,16], `rel.weight` [4,16] |
 | `kge/model.onnx` + `model.onnx.data` | inputs `h`, `r` int64 [batch], output `scores` f32 [batch,40]; `ent.weight` external, `rel.weight` inline |
 | `kge/val.npz`, `kge/filter.npz` | `h`,`r`,`y` int64 [53]; CSR `indptr` int64 [54], `indices` int64: the other true tails of (h,r) in the whole graph (y excluded) |
@@ -616,6 +675,51 @@ under 1e-5 relative noise on the model outputs).
 | `exports/val_images.npz` | `x` f32 [101,1,8,8], `y` int64 [101] (first 101 digits val rows) |
 
 All `exports/*.onnx` are single files (initializers inline).
+
+## Selection strategies
+
+`strategies_*.json` are written by the independent reference
+`scripts/reference_strategies.py` (which reuses `reference_aswa.py`'s reader,
+averaging and scoring), e.g.
+
+    python scripts/reference_strategies.py fixtures/digits/checkpoints \
+        --model fixtures/digits/model.onnx --val fixtures/digits/val.npz \
+        --test fixtures/digits/test.npz --metric accuracy \
+        --out fixtures/digits/expected/strategies_accuracy.json \
+        --weights-dir fixtures/digits/expected/strategies
+
+    # strategies_params.json:
+    #   --strategies swa,uniform,ema,top-k,greedy-soup --swa-start-at 10 --swa-every 2
+    #   --last 4 --ema-decay 0.5 --k 3 --strict
+
+Checkpoints are indexed 0..N-1 in natural order. "Uniform average" = float64 mean
+of the members rounded once to the checkpoint dtype, integer tensors from the
+newest member. "Best first" = by validation score, better first, ties -> earlier
+checkpoint, NaN last.
+
+| strategy | members |
+|---|---|
+| `aswa` | the ASWA rule above (`params.accept_ties`) |
+| `swa` | s, s+K, ... < N; s = floor(swa_start * N) (default 0.75) or the checkpoint whose last integer in its name equals `swa_start_at`; K = `swa_every` (default 1); uniform average |
+| `uniform` | all, or the last `last` checkpoints; uniform average |
+| `ema` | e = theta_0; e = D*e + (1-D)*theta_i for i = 1..N-1 in float64 (two products, then the sum; no FMA), rounded once at the end; D = `ema_decay` (default 0.9); members = all; integer tensors from the last checkpoint |
+| `top-k` | the first `k` (default 5) in best-first order; uniform average |
+| `greedy-soup` | best-first order; soup = {first}; each next c joins iff score(avg(soup + c)) >= v (`strict`: >), then v = that score; `steps[]` lists every trial |
+| `best` | the first in best-first order (weights = a copy of the checkpoint) |
+| `last` | the last checkpoint (a copy) |
+
+JSON: `metric`, `higher_is_better`, `checkpoints`, `checkpoint_scores` (each
+checkpoint's validation score, same order), `strategies` = {name: {`strategy`,
+`params`, `members` (checkpoint order), `val_score`, `test_score` (on
+`digits/test.npz`), `steps` (aswa, greedy-soup)}}. `strategies/<name>.safetensors`
+holds each strategy's final weights (no metadata). Accuracy scores are exact
+multiples of 1/437; the smallest top-1/top-2 logit margin over all validation
+rows of every candidate scored is > 2e-4, so the expectations do not hinge on
+float noise.
+
+`scripts/score_onnx.py MODEL.onnx VAL.npz [--metric M] [--labels y] [--filter F]`
+prints the score of an ONNX model with its own initializers (onnxruntime, the same
+metrics), as one float, to check an exported model independently.
 """
 
 
@@ -634,6 +738,8 @@ def write_readme():
     lines.append("## Reference results (generated)\n")
     short = {"init": "I", "hard": "H", "soft": "S", "reject": "r"}
     for p in sorted(glob.glob(os.path.join(FIX, "*", "expected", "*.json"))):
+        if os.path.basename(p).startswith("strategies_"):
+            continue
         r = json.load(open(p))
         lines.append(f"### `{rel(p)[len('fixtures/'):]}`\n")
         lines.append(f"metric `{r['metric']}` (higher_is_better={str(r['higher_is_better']).lower()}, "
@@ -646,6 +752,32 @@ def write_readme():
             lines.append(f"| {st['checkpoint'].replace('.safetensors', '')} | {st['running_score']:.6f} | {la} | "
                          f"{st['decision']} | {st['ensemble_score']:.6f} | {st['members']} |")
         lines.append("\ndecisions: " + " ".join(short[s["decision"]] for s in r["steps"]) + "\n")
+    strat = sorted(glob.glob(os.path.join(FIX, "*", "expected", "strategies_*.json")))
+    if strat:
+        lines.append("## Strategy results (generated)\n")
+    for p in strat:
+        r = json.load(open(p))
+        sc = r["checkpoint_scores"]
+        lines.append(f"### `{rel(p)[len('fixtures/'):]}`\n")
+        lines.append(f"metric `{r['metric']}` (higher_is_better={str(r['higher_is_better']).lower()}); "
+                     "checkpoint scores: " + ", ".join(
+                         f"{c.replace('.safetensors', '')} {s:.6f}" for c, s in zip(r["checkpoints"], sc)) + "\n")
+        ties = [[c for c, s in zip(r["checkpoints"], sc) if s == v] for v in sorted(set(sc), key=sc.index)]
+        ties = [t for t in ties if len(t) > 1]
+        lines.append("exact ties among checkpoint scores (broken by checkpoint order): "
+                     + ("; ".join(" = ".join(c.replace(".safetensors", "") for c in t) for t in ties) or "none") + "\n")
+        lines.append("| strategy | params | members | val_score | test_score |")
+        lines.append("|---|---|---|---|---|")
+        for name, x in r["strategies"].items():
+            params = ", ".join(f"{k}={json.dumps(v)}" for k, v in x["params"].items()) or "-"
+            members = ", ".join(m.replace(".safetensors", "") for m in x["members"])
+            lines.append(f"| {name} | {params} | {members} | {x['val_score']:.6f} | {x['test_score']:.6f} |")
+        gs = r["strategies"].get("greedy-soup")
+        if gs:
+            trials = " ".join(f"{st['checkpoint'].replace('.safetensors', '').replace('epoch_', 'e')}"
+                              f"({st['score']:.6f}{'+' if st['added'] else '-'})" for st in gs["steps"])
+            lines.append(f"\ngreedy-soup trials (score of soup + checkpoint, + added / - not): {trials}")
+        lines.append("")
     with open(os.path.join(FIX, "README.md"), "w") as f:
         f.write("\n".join(lines))
 
@@ -662,6 +794,8 @@ def main(argv):
         summary["kge"] = gen_kge()
     if "exports" in groups:
         summary["exports"] = gen_exports()
+    if {"digits", "lowp", "strategies"} & set(groups):  # digits/lowp wipe their expected/ dirs
+        summary["strategies"] = gen_strategies()
     write_readme()
     total = 0
     for dp, _, fs in os.walk(FIX):

@@ -93,11 +93,16 @@ impl<'a> Candidate<'a> {
     }
 }
 
-/// The `f64` sum of a set of member checkpoints.
+/// A weighted `f64` sum of member checkpoints and the total of the weights: the
+/// model it stands for is `sum / total`.
+///
+/// Uniform averages add every member with weight 1; an exponential moving average
+/// rescales the running sum at each step ([`Accumulator::ema_step`]) and keeps a total of 1.
 #[derive(Debug)]
 pub struct Accumulator {
     sums: Vec<Option<Vec<f64>>>,
     members: Vec<usize>,
+    total: f64,
 }
 
 impl Accumulator {
@@ -110,6 +115,7 @@ impl Accumulator {
                 .map(|s| s.dtype.is_float().then(|| vec![0.0; s.numel()]))
                 .collect(),
             members: Vec::new(),
+            total: 0.0,
         }
     }
 
@@ -123,12 +129,23 @@ impl Accumulator {
         self.apply(set, c, |s, x| *s = x);
         self.members.clear();
         self.members.push(c);
+        self.total = 1.0;
     }
 
-    /// Adds checkpoint `c` as a member.
+    /// Adds checkpoint `c` as a member with weight 1.
     pub fn add(&mut self, set: &CheckpointSet, c: usize) {
         self.apply(set, c, |s, x| *s += x);
         self.members.push(c);
+        self.total += 1.0;
+    }
+
+    /// One step of an exponential moving average of the model this accumulator stands
+    /// for: `e = decay·e + (1 − decay)·θ_c`, in `f64`.
+    pub fn ema_step(&mut self, set: &CheckpointSet, c: usize, decay: f64) {
+        let keep = decay / self.total;
+        self.apply(set, c, |s, x| *s = keep * *s + (1.0 - decay) * x);
+        self.members.push(c);
+        self.total = 1.0;
     }
 
     fn apply(&mut self, set: &CheckpointSet, c: usize, f: impl Fn(&mut f64, f64) + Sync) {
@@ -142,12 +159,12 @@ impl Accumulator {
         }
     }
 
-    /// Writes the mean of the members, plus `extra` if given, rounded to each tensor's
-    /// dtype, into `out`. With no members and no `extra` this is a programming error.
+    /// Writes the model (`sum / total`), or the mean with `extra` added with weight 1 if
+    /// given, rounded to each tensor's dtype, into `out`. With no members and no `extra`
+    /// this is a programming error.
     pub fn mean_into(&self, set: &CheckpointSet, extra: Option<usize>, out: &mut Weights) {
-        let count = self.members.len() + usize::from(extra.is_some());
-        assert!(count > 0, "mean of an empty set");
-        let n = count as f64;
+        let n = self.total + if extra.is_some() { 1.0 } else { 0.0 };
+        assert!(n > 0.0, "mean of an empty set");
         for (t, (sum, buf)) in self.sums.iter().zip(out.bufs.iter_mut()).enumerate() {
             let (Some(sum), Some(buf)) = (sum, buf) else {
                 continue;

@@ -26,10 +26,30 @@ pub trait Scorer {
     fn score(&mut self, set: &CheckpointSet, candidate: Candidate<'_>) -> Result<f64>;
 }
 
-/// Remembers scores by member set so that nothing is scored twice.
+/// What identifies a candidate model: its members and how they are weighted.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum CandidateKey {
+    /// The uniform mean of these checkpoints (a single one is the checkpoint itself).
+    Mean(Vec<usize>),
+    /// The exponential moving average over these checkpoints in order, with this decay
+    /// (its `f64` bits).
+    Ema(Vec<usize>, u64),
+}
+
+impl CandidateKey {
+    /// The uniform mean of `members`, in any order.
+    pub fn mean(members: &[usize]) -> Self {
+        let mut k = members.to_vec();
+        k.sort_unstable();
+        k.dedup();
+        CandidateKey::Mean(k)
+    }
+}
+
+/// Remembers scores by candidate so that nothing is scored twice in a run.
 pub struct ScoreCache<'s> {
     scorer: &'s mut dyn Scorer,
-    scores: HashMap<Vec<usize>, f64>,
+    scores: HashMap<CandidateKey, f64>,
     evaluations: usize,
 }
 
@@ -42,37 +62,42 @@ impl<'s> ScoreCache<'s> {
         }
     }
 
-    /// The cached score of the uniform mean of `members`, if it was scored.
-    pub fn get(&self, members: &[usize]) -> Option<f64> {
-        self.scores.get(&key(members)).copied()
+    /// The cached score of a candidate, if it was scored.
+    pub fn get(&self, key: &CandidateKey) -> Option<f64> {
+        self.scores.get(key).copied()
     }
 
-    /// The score of the uniform mean of `members`; `make` builds the candidate only
-    /// when it has not been scored yet.
+    /// The score of the candidate `key`; `make` builds it only when it has not been
+    /// scored yet.
     pub fn score<'c>(
         &mut self,
         set: &CheckpointSet,
-        members: &[usize],
+        key: CandidateKey,
         make: impl FnOnce() -> Candidate<'c>,
     ) -> Result<f64> {
-        let k = key(members);
-        if let Some(&s) = self.scores.get(&k) {
+        if let Some(&s) = self.scores.get(&key) {
             return Ok(s);
         }
         let s = self.scorer.score(set, make())?;
         self.evaluations += 1;
-        self.scores.insert(k, s);
+        self.scores.insert(key, s);
         Ok(s)
+    }
+
+    /// The score of checkpoint `c` itself.
+    pub fn checkpoint(&mut self, set: &CheckpointSet, c: usize) -> Result<f64> {
+        self.score(set, CandidateKey::Mean(vec![c]), || {
+            Candidate::Checkpoint(c)
+        })
     }
 
     /// How many candidates were actually scored.
     pub fn evaluations(&self) -> usize {
         self.evaluations
     }
-}
 
-fn key(members: &[usize]) -> Vec<usize> {
-    let mut k = members.to_vec();
-    k.sort_unstable();
-    k
+    /// The scorer itself (to score on other data).
+    pub fn scorer(&mut self) -> &mut dyn Scorer {
+        self.scorer
+    }
 }

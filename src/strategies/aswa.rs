@@ -16,7 +16,7 @@ use serde::Serialize;
 use super::{Direction, Merged};
 use crate::averaging::{Accumulator, Candidate, Weights};
 use crate::error::Result;
-use crate::scoring::ScoreCache;
+use crate::scoring::{CandidateKey, ScoreCache};
 use crate::storage::CheckpointSet;
 
 /// ASWA's options.
@@ -77,7 +77,7 @@ pub fn aswa(
     let mut steps = Vec::with_capacity(set.len());
 
     acc.reset(set, 0);
-    let mut v_a = cache.score(set, &[0], || Candidate::Checkpoint(0))?;
+    let mut v_a = cache.checkpoint(set, 0)?;
     let first = Step {
         checkpoint: 0,
         running_score: v_a,
@@ -90,11 +90,11 @@ pub fn aswa(
     steps.push(first);
 
     for t in 1..set.len() {
-        let v_t = cache.score(set, &[t], || Candidate::Checkpoint(t))?;
+        let v_t = cache.checkpoint(set, t)?;
         let mut look_members = acc.members().to_vec();
         look_members.push(t);
         let mut fresh = false;
-        let v_p = cache.score(set, &look_members, || {
+        let v_p = cache.score(set, CandidateKey::mean(&look_members), || {
             acc.mean_into(set, Some(t), &mut lookahead);
             fresh = true;
             Candidate::Average(&lookahead)
@@ -137,4 +137,26 @@ pub fn aswa(
         },
         steps,
     ))
+}
+
+/// ASWA as a [`super::Strategy`].
+pub struct Aswa(pub super::StrategyParams);
+
+impl super::Strategy for Aswa {
+    fn name(&self) -> &'static str {
+        "aswa"
+    }
+
+    fn params(&self) -> std::collections::BTreeMap<String, String> {
+        [("accept_ties".to_string(), self.0.accept_ties.to_string())].into()
+    }
+
+    fn run(&self, ctx: &mut super::Context<'_, '_>) -> Result<super::Outcome> {
+        let options = AswaOptions {
+            direction: ctx.direction,
+            accept_ties: self.0.accept_ties,
+        };
+        let (merged, steps) = aswa(ctx.set, ctx.cache, options, ctx.on_step)?;
+        Ok(super::Outcome { merged, steps })
+    }
 }

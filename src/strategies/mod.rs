@@ -5,11 +5,33 @@
 //! the materialised average.
 
 pub mod aswa;
+pub mod ema;
+pub mod greedy_soup;
+pub mod single;
+pub mod swa;
+pub mod top_k;
+pub mod uniform;
 
-use crate::averaging::{Candidate, Weights};
-use crate::scoring::ScoreCache;
+use std::collections::BTreeMap;
+
+use crate::averaging::{Accumulator, Candidate, Weights};
+use crate::error::{Error, Result};
+use crate::scoring::{CandidateKey, ScoreCache};
+use crate::storage::CheckpointSet;
 
 pub use aswa::{aswa, AswaOptions, Decision, Step};
+
+/// Every strategy name, in the order `compare` runs and prints them.
+pub const ALL: [&str; 8] = [
+    "aswa",
+    "swa",
+    "uniform",
+    "ema",
+    "top-k",
+    "greedy-soup",
+    "best",
+    "last",
+];
 
 /// Whether higher or lower scores are better, and how NaN is treated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,14 +59,30 @@ impl Direction {
     pub fn at_least(self, a: f64, b: f64) -> bool {
         !a.is_nan() && (a == b || self.better(a, b))
     }
+
+    /// Indices of `scores` from best to worst; ties keep the earlier index first, NaN last.
+    pub fn ranking(self, scores: &[f64]) -> Vec<usize> {
+        let mut order: Vec<usize> = (0..scores.len()).collect();
+        order.sort_by(|&a, &b| {
+            if self.better(scores[a], scores[b]) {
+                std::cmp::Ordering::Less
+            } else if self.better(scores[b], scores[a]) {
+                std::cmp::Ordering::Greater
+            } else {
+                a.cmp(&b)
+            }
+        });
+        order
+    }
 }
 
-/// A strategy's result: the members (checkpoint indices) and their average.
+/// A strategy's result: the members (checkpoint indices, ascending) and their average.
 #[derive(Debug)]
 pub struct Merged {
     pub members: Vec<usize>,
-    /// The rounded average when there is more than one member.
+    /// The rounded average when it is not a single checkpoint.
     pub weights: Option<Weights>,
+    /// Its validation score.
     pub score: f64,
 }
 
@@ -58,8 +96,126 @@ impl Merged {
     }
 }
 
-#[doc(hidden)]
-pub type Cache<'a> = ScoreCache<'a>;
+/// Parameters of all strategies (each reads its own).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StrategyParams {
+    /// ASWA: accept a soft update whose look-ahead ties the ensemble.
+    pub accept_ties: bool,
+    /// SWA: first member at index floor(swa_start · N).
+    pub swa_start: f64,
+    /// SWA: first member is the checkpoint with this number (overrides `swa_start`).
+    pub swa_start_at: Option<u64>,
+    /// SWA: every K-th checkpoint from the start.
+    pub swa_every: usize,
+    /// Uniform: only the last K checkpoints.
+    pub last: Option<usize>,
+    /// EMA: `e = decay·e + (1 − decay)·θ`.
+    pub ema_decay: f64,
+    /// Top-k: how many of the best checkpoints.
+    pub k: usize,
+    /// Greedy soup: add a checkpoint only if it strictly improves the soup.
+    pub strict: bool,
+}
+
+impl Default for StrategyParams {
+    fn default() -> Self {
+        Self {
+            accept_ties: false,
+            swa_start: 0.75,
+            swa_start_at: None,
+            swa_every: 1,
+            last: None,
+            ema_decay: 0.9,
+            k: 5,
+            strict: false,
+        }
+    }
+}
+
+/// What a strategy works with.
+pub struct Context<'a, 'c> {
+    pub set: &'a CheckpointSet,
+    pub cache: &'a mut ScoreCache<'c>,
+    pub direction: Direction,
+    /// Each checkpoint's ordering number, if its name has one.
+    pub numbers: &'a [Option<u64>],
+    /// Called after each step of strategies that walk the checkpoints (ASWA).
+    pub on_step: &'a mut dyn FnMut(&Step),
+}
+
+/// A strategy's result and, for ASWA, its steps.
+#[derive(Debug)]
+pub struct Outcome {
+    pub merged: Merged,
+    pub steps: Vec<Step>,
+}
+
+/// A way of choosing and averaging checkpoints. One file per strategy; [`by_name`] is
+/// the registry.
+pub trait Strategy {
+    /// The name used on the command line and in reports.
+    fn name(&self) -> &'static str;
+    /// The parameters that shaped the result, for reports and metadata.
+    fn params(&self) -> BTreeMap<String, String>;
+    /// Runs over the checkpoints of `ctx.set` in order.
+    fn run(&self, ctx: &mut Context<'_, '_>) -> Result<Outcome>;
+}
+
+/// The strategy called `name`, configured by `params`.
+pub fn by_name(name: &str, params: &StrategyParams) -> Result<Box<dyn Strategy>> {
+    let p = params.clone();
+    Ok(match name {
+        "aswa" => Box::new(aswa::Aswa(p)),
+        "swa" => Box::new(swa::Swa(p)),
+        "uniform" => Box::new(uniform::Uniform(p)),
+        "ema" => Box::new(ema::Ema(p)),
+        "top-k" => Box::new(top_k::TopK(p)),
+        "greedy-soup" => Box::new(greedy_soup::GreedySoup(p)),
+        "best" => Box::new(single::Best),
+        "last" => Box::new(single::Last),
+        _ => {
+            return Err(Error::Usage(format!(
+                "unknown strategy `{name}`; choose one of: {}",
+                ALL.join(", ")
+            )))
+        }
+    })
+}
+
+/// The uniform mean of `members` (ascending, non-empty), materialised and scored.
+pub fn uniform_of(ctx: &mut Context<'_, '_>, members: &[usize]) -> Result<Merged> {
+    let set = ctx.set;
+    if let [only] = members {
+        let score = ctx.cache.checkpoint(set, *only)?;
+        return Ok(Merged {
+            members: vec![*only],
+            weights: None,
+            score,
+        });
+    }
+    let mut acc = Accumulator::new(set);
+    acc.reset(set, members[0]);
+    for &m in &members[1..] {
+        acc.add(set, m);
+    }
+    let mut weights = Weights::new(set);
+    acc.mean_into(set, None, &mut weights);
+    let score = ctx.cache.score(set, CandidateKey::mean(members), || {
+        Candidate::Average(&weights)
+    })?;
+    Ok(Merged {
+        members: members.to_vec(),
+        weights: Some(weights),
+        score,
+    })
+}
+
+/// Every checkpoint's own validation score.
+pub fn checkpoint_scores(ctx: &mut Context<'_, '_>) -> Result<Vec<f64>> {
+    (0..ctx.set.len())
+        .map(|c| ctx.cache.checkpoint(ctx.set, c))
+        .collect()
+}
 
 #[cfg(test)]
 mod tests {
@@ -78,5 +234,17 @@ mod tests {
         assert!(!up.better(f64::NAN, 0.1) && up.better(0.1, f64::NAN));
         assert!(!up.better(f64::NAN, f64::NAN) && !up.at_least(f64::NAN, f64::NAN));
         assert!(up.at_least(0.5, 0.5) && down.at_least(0.5, 0.5));
+    }
+
+    #[test]
+    fn ranking_puts_ties_in_order_and_nan_last() {
+        let up = Direction {
+            higher_is_better: true,
+        };
+        assert_eq!(up.ranking(&[0.5, f64::NAN, 0.9, 0.5, 0.9]), [2, 4, 0, 3, 1]);
+        let down = Direction {
+            higher_is_better: false,
+        };
+        assert_eq!(down.ranking(&[0.5, f64::NAN, 0.9, 0.5]), [0, 3, 2, 1]);
     }
 }

@@ -1,0 +1,62 @@
+//! Exponential moving average over the checkpoints in order:
+//! `e = θ₁`, then `e = D·e + (1 − D)·θₜ` for each later checkpoint, in `f64`, rounded
+//! once to the checkpoints' dtype at the end (`--ema-decay D`, default 0.9).
+
+use std::collections::BTreeMap;
+
+use super::{Context, Merged, Outcome, Strategy, StrategyParams};
+use crate::averaging::{Accumulator, Candidate, Weights};
+use crate::error::{Error, Result};
+use crate::scoring::CandidateKey;
+
+pub struct Ema(pub StrategyParams);
+
+impl Strategy for Ema {
+    fn name(&self) -> &'static str {
+        "ema"
+    }
+
+    fn params(&self) -> BTreeMap<String, String> {
+        [("ema_decay".to_string(), self.0.ema_decay.to_string())].into()
+    }
+
+    fn run(&self, ctx: &mut Context<'_, '_>) -> Result<Outcome> {
+        let decay = self.0.ema_decay;
+        if !(0.0..1.0).contains(&decay) {
+            return Err(Error::Usage(format!(
+                "--ema-decay {decay}: must be in [0, 1)"
+            )));
+        }
+        let set = ctx.set;
+        let members: Vec<usize> = (0..set.len()).collect();
+        if members.len() == 1 {
+            let score = ctx.cache.checkpoint(set, 0)?;
+            let merged = Merged {
+                members,
+                weights: None,
+                score,
+            };
+            return Ok(Outcome {
+                merged,
+                steps: Vec::new(),
+            });
+        }
+        let mut acc = Accumulator::new(set);
+        acc.reset(set, 0);
+        for &c in &members[1..] {
+            acc.ema_step(set, c, decay);
+        }
+        let mut weights = Weights::new(set);
+        acc.mean_into(set, None, &mut weights);
+        let key = CandidateKey::Ema(members.clone(), decay.to_bits());
+        let score = ctx.cache.score(set, key, || Candidate::Average(&weights))?;
+        Ok(Outcome {
+            merged: Merged {
+                members,
+                weights: Some(weights),
+                score,
+            },
+            steps: Vec::new(),
+        })
+    }
+}
