@@ -304,6 +304,6 @@ fn the_report_may_not_replace_the_output_under_another_spelling() {
     let report = case.dir.path().join(".").join("out.safetensors");
     case.fails(
         &["--report", report.to_str().unwrap()],
-        &["--report and -o name the same file"],
+        &["the report and the output are the same file"],
     );
 }

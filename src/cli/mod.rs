@@ -4,9 +4,10 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{Args, Parser};
 
-use crate::pipeline::{self, MergeConfig};
+use crate::pipeline::{self, Baseline, Destination, MergeConfig};
+use crate::strategies::{StrategyParams, ALL};
 
 /// Exit code for success.
 pub const EXIT_OK: u8 = 0;
@@ -14,6 +15,8 @@ pub const EXIT_OK: u8 = 0;
 pub const EXIT_INTERNAL: u8 = 1;
 /// Exit code for bad input: usage errors, unreadable or inconsistent files, mismatched model.
 pub const EXIT_BAD_INPUT: u8 = 2;
+/// Exit code when `--fail-below` or `--require-gain` failed (the outputs are written).
+pub const EXIT_GATE: u8 = 3;
 
 /// Merge per-epoch training checkpoints into one model with Adaptive Stochastic Weight
 /// Averaging (ASWA), scoring every candidate on a validation set with ONNX Runtime.
@@ -24,8 +27,11 @@ pub const EXIT_BAD_INPUT: u8 = 2;
 /// the ensemble restarts from it (hard update); else if the look-ahead beats the
 /// ensemble, the checkpoint joins it (soft update); else it is rejected. The final
 /// ensemble is written as safetensors with the checkpoints' names, shapes and dtypes.
+/// Other strategies (--strategy) and `aswa-merge compare` are there to compare.
 ///
 /// Example: aswa-merge ./checkpoints --model model.onnx --val val.npz -o merged.safetensors
+///
+/// Exit codes: 0 success, 1 ONNX Runtime failed, 2 bad input, 3 a CI gate failed.
 #[derive(Debug, Parser)]
 #[command(
     name = "aswa-merge",
@@ -33,9 +39,87 @@ pub const EXIT_BAD_INPUT: u8 = 2;
     about,
     long_about,
     help_expected = true,
-    max_term_width = 100
+    max_term_width = 100,
+    after_help = "Compare every strategy on the same checkpoints: aswa-merge compare --help"
 )]
 pub struct Cli {
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+/// Run every strategy (or --strategies) on the same checkpoints and compare them.
+///
+/// Prints a table (strategy, members, validation score, test score with --test, seconds),
+/// writes every result to DIR/<strategy>.safetensors with -o DIR, or only the winner on
+/// validation with --pick -o FILE. Scores are shared: no candidate is scored twice.
+///
+/// Example: aswa-merge compare ./checkpoints --val val.npz --test test.npz -o merged/
+/// --report compare.json --plot compare.svg
+///
+/// Exit codes: 0 success, 1 ONNX Runtime failed, 2 bad input, 3 a CI gate failed.
+#[derive(Debug, Parser)]
+#[command(
+    name = "aswa-merge compare",
+    version,
+    about,
+    long_about,
+    help_expected = true,
+    max_term_width = 100
+)]
+pub struct CompareCli {
+    #[command(flatten)]
+    pub args: CompareArgs,
+}
+
+/// The main command's own flags.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+
+    /// Where to write the merged weights (safetensors, written atomically).
+    ///
+    /// Refuses to overwrite any input. Example: -o merged.safetensors
+    #[arg(
+        short = 'o',
+        long = "output",
+        value_name = "OUT.safetensors",
+        default_value = "aswa.safetensors"
+    )]
+    pub output: PathBuf,
+
+    /// Averaging strategy: aswa, swa, uniform, ema, top-k, greedy-soup, best, last.
+    ///
+    /// See docs/strategies.md for each rule. Example: --strategy swa --swa-start 0.5
+    #[arg(long, value_name = "NAME", default_value = "aswa")]
+    pub strategy: String,
+}
+
+/// `compare`'s own flags.
+#[derive(Debug, Args)]
+pub struct CompareArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+
+    /// Strategies to compare, comma-separated (default: all).
+    ///
+    /// Example: --strategies aswa,swa,best,last
+    #[arg(long, value_name = "LIST", value_delimiter = ',')]
+    pub strategies: Vec<String>,
+
+    /// A directory for every result (DIR/<strategy>.safetensors), or with --pick the file
+    /// for the winner. Without it no weights are written.
+    #[arg(short = 'o', long = "output", value_name = "DIR|FILE")]
+    pub output: Option<PathBuf>,
+
+    /// Write only the winner on validation, to -o FILE.
+    #[arg(long, requires = "output")]
+    pub pick: bool,
+}
+
+/// Flags shared by the main command and `compare`.
+#[derive(Debug, Args)]
+pub struct CommonArgs {
     /// Directory holding the checkpoints.
     ///
     /// Every `*.safetensors` file in it, and every sub-folder holding `model.safetensors`
@@ -60,17 +144,6 @@ pub struct Cli {
     /// CHECKPOINTS or its parent.
     #[arg(long, value_name = "MODEL.onnx")]
     pub model: Option<PathBuf>,
-
-    /// Where to write the merged weights (safetensors, written atomically).
-    ///
-    /// Refuses to overwrite any input. Example: -o merged.safetensors
-    #[arg(
-        short = 'o',
-        long = "output",
-        value_name = "OUT.safetensors",
-        default_value = "aswa.safetensors"
-    )]
-    pub output: PathBuf,
 
     /// Also write a JSON report: every step's scores and decision, the members, the score.
     ///
@@ -116,6 +189,15 @@ pub struct Cli {
     #[arg(long, value_name = "FILTER.npz")]
     pub filter: Option<PathBuf>,
 
+    /// Test set (.npz, same arrays as --val): the result and the last checkpoint are
+    /// scored on it and reported. Validation decides; test only reports.
+    #[arg(long, value_name = "TEST.npz")]
+    pub test: Option<PathBuf>,
+
+    /// Filter for ranking metrics on the test set (same format as --filter).
+    #[arg(long, value_name = "FILTER.npz")]
+    pub test_filter: Option<PathBuf>,
+
     /// Validation rows per forward pass (a model with a fixed batch size uses its own,
     /// padding the last batch).
     #[arg(long, value_name = "N", default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..))]
@@ -127,15 +209,64 @@ pub struct Cli {
     #[arg(long, value_name = "PATTERN")]
     pub glob: Option<String>,
 
-    /// Accept a soft update whose look-ahead score equals the ensemble's (default: strict).
+    /// ASWA: accept a soft update whose look-ahead score equals the ensemble's
+    /// (default: strict).
     #[arg(long)]
     pub accept_ties: bool,
+
+    /// SWA: first member at index floor(F · N) of the N checkpoints (default 0.75).
+    #[arg(long, value_name = "F", default_value_t = 0.75)]
+    pub swa_start: f64,
+
+    /// SWA: first member is the checkpoint with this number in its name (overrides --swa-start).
+    #[arg(long, value_name = "NUMBER")]
+    pub swa_start_at: Option<u64>,
+
+    /// SWA: take every K-th checkpoint from the start (default 1).
+    #[arg(long, value_name = "K", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    pub swa_every: u64,
+
+    /// uniform: average only the last K checkpoints (default: all).
+    #[arg(long, value_name = "K", value_parser = clap::value_parser!(u64).range(1..))]
+    pub last: Option<u64>,
+
+    /// ema: decay D in e = D·e + (1 − D)·θ, the first checkpoint copied (default 0.9).
+    #[arg(long, value_name = "D", default_value_t = 0.9)]
+    pub ema_decay: f64,
+
+    /// top-k: how many of the best checkpoints to average (default 5).
+    #[arg(long, value_name = "K", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+    pub k: u64,
+
+    /// greedy-soup: add a checkpoint only if it strictly improves the soup (default: ≥).
+    #[arg(long)]
+    pub strict: bool,
 
     /// Model initializer that is a true constant, not a trained weight; repeatable.
     ///
     /// Without it every non-scalar floating initializer must come from the checkpoints.
     #[arg(long = "allow-constant", value_name = "NAME")]
     pub allow_constant: Vec<String>,
+
+    /// Draw the run: the checkpoint and ensemble scores per step (ASWA), and for compare
+    /// a bar chart of the strategies. The format follows the extension: .svg or .png.
+    #[arg(long, value_name = "FILE.svg|FILE.png")]
+    pub plot: Option<PathBuf>,
+
+    /// Also write the ONNX model with the result's weights embedded as initializers (the
+    /// graph unchanged), ready for ONNX Runtime. Models over 2 GB get FILE.onnx.data.
+    #[arg(long, value_name = "FILE.onnx")]
+    pub export_onnx: Option<PathBuf>,
+
+    /// CI gate: exit 3 when the result's validation score is worse than SCORE (the output
+    /// is still written; the report says why).
+    #[arg(long, value_name = "SCORE")]
+    pub fail_below: Option<f64>,
+
+    /// CI gate: exit 3 unless the result beats this baseline on validation: last, best
+    /// or swa.
+    #[arg(long, value_name = "BASELINE")]
+    pub require_gain: Option<Baseline>,
 
     /// Threads for averaging and for ONNX Runtime (default: all cores). The output is
     /// bit-identical whatever the thread count.
@@ -159,14 +290,18 @@ fn parse_pair(s: &str) -> Result<(String, String), String> {
     }
 }
 
-impl Cli {
-    /// The run configuration these flags describe.
-    pub fn config(&self) -> MergeConfig {
+impl CommonArgs {
+    fn config(
+        &self,
+        strategies: Vec<String>,
+        destination: Destination,
+        compare: bool,
+    ) -> MergeConfig {
         MergeConfig {
             checkpoints: self.checkpoints.clone(),
             model: self.model.clone(),
             val: self.val.clone(),
-            output: self.output.clone(),
+            destination,
             report: self.report.clone(),
             metric: self.metric.clone(),
             higher_is_better: if self.lower_is_better {
@@ -182,26 +317,79 @@ impl Cli {
             filter: self.filter.clone(),
             batch_size: self.batch_size as usize,
             glob: self.glob.clone(),
-            accept_ties: self.accept_ties,
             allow_constant: self.allow_constant.clone(),
             threads: self.threads,
             ort_lib: self.ort_lib.clone(),
             quiet: self.quiet,
+            strategies,
+            params: StrategyParams {
+                accept_ties: self.accept_ties,
+                swa_start: self.swa_start,
+                swa_start_at: self.swa_start_at,
+                swa_every: self.swa_every as usize,
+                last: self.last.map(|k| k as usize),
+                ema_decay: self.ema_decay,
+                k: self.k as usize,
+                strict: self.strict,
+            },
+            compare,
+            test: self.test.clone(),
+            test_filter: self.test_filter.clone(),
+            plot: self.plot.clone(),
+            export_onnx: self.export_onnx.clone(),
+            fail_below: self.fail_below,
+            require_gain: self.require_gain,
         }
+    }
+}
+
+impl Cli {
+    /// The run configuration these flags describe.
+    pub fn config(&self) -> MergeConfig {
+        self.run.common.config(
+            vec![self.run.strategy.clone()],
+            Destination::File(self.run.output.clone()),
+            false,
+        )
+    }
+}
+
+impl CompareCli {
+    /// The run configuration these flags describe.
+    pub fn config(&self) -> MergeConfig {
+        let c = &self.args;
+        let strategies = if c.strategies.is_empty() {
+            ALL.iter().map(|s| s.to_string()).collect()
+        } else {
+            c.strategies.clone()
+        };
+        let destination = match (&c.output, c.pick) {
+            (Some(f), true) => Destination::File(f.clone()),
+            (Some(d), false) => Destination::Dir(d.clone()),
+            (None, _) => Destination::Nowhere,
+        };
+        c.common.config(strategies, destination, true)
     }
 }
 
 /// Parses the command line, runs, and maps the outcome to an exit code.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
-    if cli.threads > 0 {
+    let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let config = if args.get(1).is_some_and(|a| a == "compare") {
+        args.remove(1);
+        CompareCli::parse_from(args).config()
+    } else {
+        Cli::parse_from(args).config()
+    };
+    if config.threads > 0 {
         // Only fails if a global pool exists already, which cannot happen this early.
         let _ = rayon::ThreadPoolBuilder::new()
-            .num_threads(cli.threads)
+            .num_threads(config.threads)
             .build_global();
     }
-    match pipeline::run(&cli.config()) {
-        Ok(_) => ExitCode::from(EXIT_OK),
+    match pipeline::run(&config) {
+        Ok(outcome) if outcome.gate_passed => ExitCode::from(EXIT_OK),
+        Ok(_) => ExitCode::from(EXIT_GATE),
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::from(if e.is_user_error() {
@@ -221,6 +409,7 @@ mod tests {
     #[test]
     fn cli_definition_is_consistent() {
         Cli::command().debug_assert();
+        CompareCli::command().debug_assert();
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! What a run tells its user: the stderr summary, the progress bar, the JSON report
 //! and the provenance written into the output's `__metadata__`.
 
+pub mod plot;
 pub mod progress;
 
 use std::collections::BTreeMap;
@@ -15,32 +16,85 @@ use crate::strategies::{Decision, Step};
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// The `--report` JSON. Field by field documentation: `docs/report.md`.
+///
+/// The main command fills `result` (its fields appear at the top level); `compare`
+/// fills `strategies` and `winner`.
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
     pub tool: String,
     pub version: String,
-    pub strategy: String,
     pub metric: String,
     pub higher_is_better: bool,
-    pub accept_ties: bool,
     /// Checkpoint paths in processing order.
     pub checkpoints: Vec<String>,
-    pub steps: Vec<StepReport>,
-    /// Paths of the final ensemble's members.
-    pub members: Vec<String>,
-    /// Validation score of the written model (null if NaN).
-    pub val_score: f64,
-    /// The written file.
-    pub output: String,
+    /// Every input checkpoint file with its size and SHA-256.
+    pub inputs: Vec<InputFile>,
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub result: Option<StrategyReport>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub strategies: Option<BTreeMap<String, StrategyReport>>,
+    /// `compare`: the strategy with the best validation score.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub winner: Option<String>,
+    /// Test score of the last checkpoint (with `--test`), for reference.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_test_score: Option<f64>,
+    pub gate: Gate,
     pub model: String,
     pub validation: String,
     pub validation_rows: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub test: Option<String>,
     pub batch_size: usize,
-    /// Candidates actually scored (each at most once).
+    /// Candidates actually scored on the validation set (each at most once).
     pub evaluations: usize,
     pub onnxruntime: String,
     /// Paths that looked like checkpoints but were left out, with the reason.
     pub skipped: Vec<Skipped>,
+}
+
+/// One strategy's result.
+#[derive(Debug, Clone, Serialize)]
+pub struct StrategyReport {
+    pub strategy: String,
+    /// The parameters that shaped the result (strings, as in the metadata).
+    pub params: BTreeMap<String, String>,
+    /// ASWA's steps (empty for other strategies).
+    pub steps: Vec<StepReport>,
+    /// Paths of the members, in checkpoint order.
+    pub members: Vec<String>,
+    /// Validation score of the result (null if NaN).
+    pub val_score: f64,
+    /// Test score of the result (with `--test`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub test_score: Option<f64>,
+    /// The file the result was written to, if any.
+    pub output: Option<String>,
+    /// Wall-clock seconds the strategy took (scores it reused from the cache cost nothing).
+    pub seconds: f64,
+}
+
+/// An input checkpoint file.
+#[derive(Debug, Clone, Serialize)]
+pub struct InputFile {
+    pub path: String,
+    pub bytes: u64,
+    pub sha256: String,
+}
+
+/// The CI gates (`--fail-below`, `--require-gain`) and their verdict.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Gate {
+    pub passed: bool,
+    /// Why the gate failed (empty when it passed).
+    pub reasons: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fail_below: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub require_gain: Option<String>,
+    /// The baseline's validation score for `--require-gain`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub baseline_score: Option<f64>,
 }
 
 /// One ASWA step in the report.
@@ -88,30 +142,39 @@ impl Report {
         write_atomic(path, format!("{text}\n").as_bytes())
     }
 
-    /// Provenance for the output's `__metadata__` (string values, as safetensors requires).
-    pub fn metadata(&self, format: Option<&str>) -> BTreeMap<String, String> {
+    /// Provenance for a written result's `__metadata__` (string values, as safetensors
+    /// requires).
+    pub fn metadata(
+        &self,
+        result: &StrategyReport,
+        format: Option<&str>,
+    ) -> BTreeMap<String, String> {
+        fn json<T: Serialize>(v: &T) -> String {
+            serde_json::to_string(v).unwrap_or_default()
+        }
         let mut m = BTreeMap::new();
         m.insert(PRODUCER_KEY.to_string(), self.version.clone());
         m.insert("format".into(), format.unwrap_or("pt").to_string());
-        m.insert("aswa_merge.strategy".into(), self.strategy.clone());
+        m.insert("aswa_merge.strategy".into(), result.strategy.clone());
+        m.insert("aswa_merge.params".into(), json(&result.params));
         m.insert("aswa_merge.metric".into(), self.metric.clone());
         m.insert(
             "aswa_merge.higher_is_better".into(),
             self.higher_is_better.to_string(),
         );
         m.insert(
-            "aswa_merge.accept_ties".into(),
-            self.accept_ties.to_string(),
+            "aswa_merge.val_score".into(),
+            format_score(result.val_score),
         );
-        m.insert("aswa_merge.val_score".into(), format_score(self.val_score));
-        m.insert(
-            "aswa_merge.members".into(),
-            serde_json::to_string(&self.members).unwrap_or_default(),
-        );
+        if let Some(t) = result.test_score {
+            m.insert("aswa_merge.test_score".into(), format_score(t));
+        }
+        m.insert("aswa_merge.members".into(), json(&result.members));
         m.insert(
             "aswa_merge.checkpoints".into(),
             self.checkpoints.len().to_string(),
         );
+        m.insert("aswa_merge.inputs".into(), json(&self.inputs));
         m.insert("aswa_merge.model".into(), self.model.clone());
         m.insert("aswa_merge.validation".into(), self.validation.clone());
         m
@@ -151,4 +214,27 @@ pub fn table_row(step: &Step, name: &str) -> String {
         step.members,
         format_score(step.ensemble_score)
     )
+}
+
+/// The header of the `compare` table.
+pub fn compare_header(with_test: bool) -> String {
+    let mut h = format!("{:<12} {:>7} {:>10}", "strategy", "members", "validation");
+    if with_test {
+        h += &format!(" {:>10}", "test");
+    }
+    h + &format!(" {:>8}", "seconds")
+}
+
+/// One row of the `compare` table.
+pub fn compare_row(r: &StrategyReport, with_test: bool) -> String {
+    let mut row = format!(
+        "{:<12} {:>7} {:>10}",
+        r.strategy,
+        r.members.len(),
+        format_score(r.val_score)
+    );
+    if with_test {
+        row += &format!(" {:>10}", r.test_score.map_or("-".into(), format_score));
+    }
+    row + &format!(" {:>8.2}", r.seconds)
 }

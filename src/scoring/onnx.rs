@@ -419,6 +419,80 @@ pub fn rewrite(model: &OnnxModel, binding: &Binding) -> Result<Vec<u8>> {
     Ok(m.encode_to_vec())
 }
 
+/// The 2 GB protobuf limit, less a margin for the graph itself: above it, `export`
+/// writes the weights to an external data file.
+const INLINE_LIMIT: usize = (2 << 30) - (64 << 20);
+
+/// Writes `model` with the bound initializers replaced by `tensor(t)` (the bytes of
+/// checkpoint tensor `t`, converted to the initializer's type), the graph otherwise
+/// unchanged. Models whose weights exceed 2 GB get an external data file
+/// `<path>.data` beside `path`, as ONNX requires. Both files are written atomically.
+pub fn export<'a>(
+    model: &OnnxModel,
+    binding: &Binding,
+    specs: &[TensorSpec],
+    tensor: impl Fn(usize) -> &'a [u8],
+    path: &Path,
+) -> Result<()> {
+    let mut m = model.model.clone();
+    let graph = m.graph.as_mut().expect("checked in load");
+    let bound: HashMap<&str, &Bound> = binding.bound.iter().map(|b| (b.name.as_str(), b)).collect();
+    let base = model.path.parent().unwrap_or(Path::new("."));
+    let mut total = 0usize;
+    for t in &mut graph.initializer {
+        if let Some(b) = bound.get(t.name()) {
+            let from = specs[b.tensor].dtype;
+            let bytes =
+                crate::storage::dtype::convert_bytes(from, b.elem.dtype(), tensor(b.tensor));
+            t.float_data.clear();
+            t.double_data.clear();
+            t.int32_data.clear();
+            t.int64_data.clear();
+            t.uint64_data.clear();
+            t.external_data.clear();
+            t.data_location = Some(DataLocation::Default as i32);
+            t.raw_data = Some(bytes);
+        } else {
+            inline_external(t, base, &model.path)?;
+        }
+        total += t.raw_data.as_ref().map_or(0, Vec::len);
+    }
+    if total > INLINE_LIMIT {
+        let data_name = format!(
+            "{}.data",
+            path.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        );
+        let data_path = path.with_file_name(&data_name);
+        let mut offset = 0usize;
+        let mut chunks: Vec<Vec<u8>> = Vec::new();
+        for t in &mut graph.initializer {
+            let Some(raw) = t.raw_data.take_if(|r| r.len() >= 1024) else {
+                continue;
+            };
+            let entry = |k: &str, v: String| proto::StringStringEntryProto {
+                key: Some(k.to_string()),
+                value: Some(v),
+            };
+            t.external_data = vec![
+                entry("location", data_name.clone()),
+                entry("offset", offset.to_string()),
+                entry("length", raw.len().to_string()),
+            ];
+            t.data_location = Some(DataLocation::External as i32);
+            offset += raw.len();
+            chunks.push(raw);
+        }
+        crate::storage::writer::atomic_write(&data_path, |w| {
+            use std::io::Write;
+            chunks.iter().try_for_each(|c| w.write_all(c))
+        })?;
+    }
+    let bytes = m.encode_to_vec();
+    crate::storage::writer::atomic_write(path, |w| std::io::Write::write_all(w, &bytes))
+}
+
 fn elem_code(e: ElemType) -> i32 {
     (match e {
         ElemType::F32 => DataType::Float,

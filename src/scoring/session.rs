@@ -39,9 +39,10 @@ pub struct SessionOptions {
 pub struct OnnxScorer {
     session: Session,
     binding: Binding,
-    data: ValidationSet,
+    /// Data sets to score on: the validation set first, then any added with
+    /// [`OnnxScorer::add_dataset`] (a test set).
+    datasets: Vec<(ValidationSet, Option<Filter>)>,
     metric: Metric,
-    filter: Option<Filter>,
     output: String,
     batch: usize,
     /// `Some(n)` when the model's batch dimension is fixed to `n` (partial batches padded).
@@ -123,9 +124,8 @@ impl OnnxScorer {
         Ok(Self {
             session,
             binding,
-            data,
+            datasets: vec![(data, filter)],
             metric,
-            filter,
             output,
             batch,
             fixed_batch,
@@ -142,21 +142,32 @@ impl OnnxScorer {
     pub fn output_name(&self) -> &str {
         &self.output
     }
-}
 
-impl Scorer for OnnxScorer {
-    fn score(&mut self, set: &CheckpointSet, candidate: Candidate<'_>) -> Result<f64> {
+    /// Adds another data set (same model inputs); returns its index for [`Self::score_on`].
+    pub fn add_dataset(&mut self, data: ValidationSet, filter: Option<Filter>) -> usize {
+        self.datasets.push((data, filter));
+        self.datasets.len() - 1
+    }
+
+    /// Scores `candidate` on data set `which` (0 is the validation set).
+    pub fn score_on(
+        &mut self,
+        set: &CheckpointSet,
+        candidate: Candidate<'_>,
+        which: usize,
+    ) -> Result<f64> {
         let Self {
             session,
             binding,
-            data,
+            datasets,
             metric,
-            filter,
             output,
             batch,
             fixed_batch,
             scratch,
         } = self;
+        let (data, filter) = &datasets[which];
+
         let specs = set.specs();
         // Pass 1: convert what cannot be fed as it is.
         let mut sources = Vec::with_capacity(binding.bound.len());
@@ -219,6 +230,12 @@ impl Scorer for OnnxScorer {
             start = end;
         }
         Ok(acc.finish())
+    }
+}
+
+impl Scorer for OnnxScorer {
+    fn score(&mut self, set: &CheckpointSet, candidate: Candidate<'_>) -> Result<f64> {
+        self.score_on(set, candidate, 0)
     }
 }
 

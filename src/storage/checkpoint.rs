@@ -155,6 +155,11 @@ impl Checkpoint {
         self.shards.iter().map(MappedFile::path)
     }
 
+    /// The mapped files (one, or every shard).
+    pub fn mapped(&self) -> &[MappedFile] {
+        &self.shards
+    }
+
     /// Total bytes of the checkpoint's files.
     pub fn size_bytes(&self) -> u64 {
         self.shards.iter().map(MappedFile::len).sum()

@@ -123,6 +123,28 @@ pub fn to_f16(from: DType, bytes: &[u8], out: &mut [f16]) {
     }
 }
 
+/// Float bytes of type `from` as bytes of float type `to` (a copy when they match;
+/// rounded to nearest-even when `to` is narrower).
+pub fn convert_bytes(from: DType, to: DType, bytes: &[u8]) -> Vec<u8> {
+    if from == to {
+        return bytes.to_vec();
+    }
+    let n = bytes.len() / from.size();
+    let mut out = Vec::with_capacity(n * to.size());
+    for i in 0..n {
+        let v = read_f64(from, bytes, i);
+        match to {
+            DType::F32 => out.extend_from_slice(&(v as f32).to_le_bytes()),
+            DType::F64 => out.extend_from_slice(&v.to_le_bytes()),
+            DType::F16 => out.extend_from_slice(&f16::from_f64(v).to_le_bytes()),
+            DType::BF16 => out.extend_from_slice(&bf16::from_f64(v).to_le_bytes()),
+            // Integer tensors are only ever bound to their own type.
+            _ => return bytes.to_vec(),
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -151,6 +173,21 @@ mod tests {
         assert_eq!(read_f64(DType::F32, &bytes[1..], 1), -2.25);
         let h = f16::from_f32(0.333).to_bits().to_le_bytes();
         assert_eq!(read_f64(DType::F16, &h, 0), f16::from_f32(0.333).to_f64());
+    }
+
+    #[test]
+    fn converts_between_float_types() {
+        let f16_one = f16::ONE.to_le_bytes();
+        assert_eq!(
+            convert_bytes(DType::F16, DType::F32, &f16_one),
+            1f32.to_le_bytes()
+        );
+        let x = 0.1f32.to_le_bytes();
+        assert_eq!(
+            convert_bytes(DType::F32, DType::BF16, &x),
+            bf16::from_f32(0.1).to_le_bytes()
+        );
+        assert_eq!(convert_bytes(DType::F32, DType::F32, &x), x);
     }
 
     #[test]

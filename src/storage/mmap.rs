@@ -68,6 +68,14 @@ impl MappedFile {
         self.len == 0
     }
 
+    /// SHA-256 of the mapped bytes, as lower-case hex. Reads the whole file (once; the
+    /// pages are then cached for averaging).
+    pub fn sha256(&self) -> String {
+        use sha2::Digest;
+        let digest = sha2::Sha256::digest(self.bytes());
+        digest.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
     /// Fails when the file's size or modification time differ from when it was mapped.
     pub fn check_unchanged(&self) -> Result<()> {
         let meta = std::fs::metadata(&self.path).map_err(|e| Error::io(&self.path, e))?;
