@@ -248,3 +248,53 @@ fn results_are_bit_identical_for_1_2_and_8_threads() {
     assert!(one == run(2), "2 threads differ from 1");
     assert!(one == run(8), "8 threads differ from 1");
 }
+
+#[test]
+fn streamed_builds_equal_the_accumulator_and_the_float64_references() {
+    use aswa_merge::averaging::Recipe;
+    let dir = tempfile::tempdir().unwrap();
+    let values = make(dir.path(), 5, Dtype::F32);
+    let set = open(dir.path(), 5);
+    let members = [0, 2, 3, 4];
+    let mut acc = Accumulator::new(&set);
+    acc.reset(&set, 0);
+    for &m in &members[1..] {
+        acc.add(&set, m);
+    }
+    let mut via_acc = Weights::new(&set);
+    acc.mean_into(&set, None, &mut via_acc);
+    let streamed = Weights::build(&set, Recipe::Mean(&members));
+    for t in 0..set.specs().len() {
+        assert_eq!(
+            Candidate::Average(&streamed).tensor_bytes(&set, t),
+            Candidate::Average(&via_acc).tensor_bytes(&set, t),
+            "{}",
+            set.specs()[t].name
+        );
+    }
+    // EMA against an independent float64 recurrence, rounded once.
+    let decay = 0.7;
+    let ema = Weights::build(&set, Recipe::Ema(&members, decay));
+    for (t, spec) in set.specs().iter().enumerate() {
+        let Some(k) = SHAPES.iter().position(|(n, _)| *n == spec.name) else {
+            continue;
+        };
+        let n = values[0][k].len();
+        let want: Vec<f64> = (0..n)
+            .map(|i| {
+                let mut e = values[members[0]][k][i];
+                for &c in &members[1..] {
+                    e = decay * e + (1.0 - decay) * values[c][k][i];
+                }
+                e as f32 as f64
+            })
+            .collect();
+        let got = decode(spec.dtype, Candidate::Average(&ema).tensor_bytes(&set, t));
+        let max_abs = want.iter().fold(0f64, |m, v| m.max(v.abs()));
+        let err = got
+            .iter()
+            .zip(&want)
+            .fold(0f64, |m, (a, b)| m.max((a - b).abs()));
+        assert!(err <= 1e-6 * max_abs, "{}", spec.name);
+    }
+}

@@ -73,6 +73,79 @@ impl Weights {
     }
 }
 
+/// How a model is made from checkpoints, for [`Weights::build`].
+#[derive(Debug, Clone, Copy)]
+pub enum Recipe<'a> {
+    /// The uniform mean of these checkpoints.
+    Mean(&'a [usize]),
+    /// `e = θ₀`, then `e = decay·e + (1 − decay)·θ` over these checkpoints in order.
+    Ema(&'a [usize], f64),
+}
+
+impl Weights {
+    /// Builds the model `recipe` describes, streaming: each block of elements is
+    /// accumulated in `f64` across the members and rounded once, so no full-model
+    /// `f64` buffer is needed. Gives the same bits as [`Accumulator`] with the same
+    /// operations. `recipe` must name at least one checkpoint.
+    pub fn build(set: &CheckpointSet, recipe: Recipe<'_>) -> Self {
+        let mut out = Weights::new(set);
+        let members = match recipe {
+            Recipe::Mean(m) | Recipe::Ema(m, _) => m,
+        };
+        assert!(!members.is_empty(), "a model needs at least one checkpoint");
+        for (t, buf) in out.bufs.iter_mut().enumerate() {
+            let Some(buf) = buf else { continue };
+            let dtype = set.specs()[t].dtype;
+            let sources: Vec<&[u8]> = members.iter().map(|&c| set.tensor_bytes(c, t)).collect();
+            match buf {
+                FloatBuf::F16(o) => build_chunks(o, dtype, &sources, recipe, f16::from_f64),
+                FloatBuf::BF16(o) => build_chunks(o, dtype, &sources, recipe, bf16::from_f64),
+                FloatBuf::F32(o) => build_chunks(o, dtype, &sources, recipe, |v| v as f32),
+                FloatBuf::F64(o) => build_chunks(o, dtype, &sources, recipe, |v| v),
+            }
+        }
+        out.int_source = members.iter().copied().max().unwrap_or(0);
+        out
+    }
+}
+
+fn build_chunks<T: Send>(
+    out: &mut [T],
+    dtype: DType,
+    sources: &[&[u8]],
+    recipe: Recipe<'_>,
+    round: impl Fn(f64) -> T + Sync,
+) {
+    let size = dtype.size();
+    out.par_chunks_mut(CHUNK).enumerate().for_each(|(k, o)| {
+        let range = k * CHUNK * size..(k * CHUNK + o.len()) * size;
+        let mut acc = vec![0f64; o.len()];
+        for_each_value(dtype, &sources[0][range.clone()], |i, x| acc[i] = x);
+        match recipe {
+            Recipe::Mean(m) => {
+                for src in &sources[1..] {
+                    for_each_value(dtype, &src[range.clone()], |i, x| acc[i] += x);
+                }
+                let n = m.len() as f64;
+                for (o, a) in o.iter_mut().zip(&acc) {
+                    *o = round(a / n);
+                }
+            }
+            Recipe::Ema(_, decay) => {
+                for src in &sources[1..] {
+                    // As Accumulator::ema_step with a total of 1.
+                    for_each_value(dtype, &src[range.clone()], |i, x| {
+                        acc[i] = decay * acc[i] + (1.0 - decay) * x
+                    });
+                }
+                for (o, a) in o.iter_mut().zip(&acc) {
+                    *o = round(*a);
+                }
+            }
+        }
+    });
+}
+
 /// A model to score or write: a checkpoint as it is on disk, or a materialised average.
 #[derive(Debug, Clone, Copy)]
 pub enum Candidate<'a> {
@@ -93,11 +166,9 @@ impl<'a> Candidate<'a> {
     }
 }
 
-/// A weighted `f64` sum of member checkpoints and the total of the weights: the
-/// model it stands for is `sum / total`.
-///
-/// Uniform averages add every member with weight 1; an exponential moving average
-/// rescales the running sum at each step ([`Accumulator::ema_step`]) and keeps a total of 1.
+/// The `f64` sum of member checkpoints and their count: the model it stands for is
+/// `sum / count`. ASWA keeps one to form look-aheads without re-reading the members;
+/// strategies that only need their result use [`Weights::build`], which streams.
 #[derive(Debug)]
 pub struct Accumulator {
     sums: Vec<Option<Vec<f64>>>,
@@ -137,15 +208,6 @@ impl Accumulator {
         self.apply(set, c, |s, x| *s += x);
         self.members.push(c);
         self.total += 1.0;
-    }
-
-    /// One step of an exponential moving average of the model this accumulator stands
-    /// for: `e = decay·e + (1 − decay)·θ_c`, in `f64`.
-    pub fn ema_step(&mut self, set: &CheckpointSet, c: usize, decay: f64) {
-        let keep = decay / self.total;
-        self.apply(set, c, |s, x| *s = keep * *s + (1.0 - decay) * x);
-        self.members.push(c);
-        self.total = 1.0;
     }
 
     fn apply(&mut self, set: &CheckpointSet, c: usize, f: impl Fn(&mut f64, f64) + Sync) {

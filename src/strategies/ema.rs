@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use super::{Context, Merged, Outcome, Strategy, StrategyParams};
-use crate::averaging::{Accumulator, Candidate, Weights};
+use crate::averaging::{Candidate, Recipe, Weights};
 use crate::error::{Error, Result};
 use crate::scoring::CandidateKey;
 
@@ -41,13 +41,7 @@ impl Strategy for Ema {
                 steps: Vec::new(),
             });
         }
-        let mut acc = Accumulator::new(set);
-        acc.reset(set, 0);
-        for &c in &members[1..] {
-            acc.ema_step(set, c, decay);
-        }
-        let mut weights = Weights::new(set);
-        acc.mean_into(set, None, &mut weights);
+        let weights = Weights::build(set, Recipe::Ema(&members, decay));
         let key = CandidateKey::Ema(members.clone(), decay.to_bits());
         let score = ctx.cache.score(set, key, || Candidate::Average(&weights))?;
         Ok(Outcome {

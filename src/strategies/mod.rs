@@ -14,7 +14,7 @@ pub mod uniform;
 
 use std::collections::BTreeMap;
 
-use crate::averaging::{Accumulator, Candidate, Weights};
+use crate::averaging::{Candidate, Recipe, Weights};
 use crate::error::{Error, Result};
 use crate::scoring::{CandidateKey, ScoreCache};
 use crate::storage::CheckpointSet;
@@ -193,13 +193,7 @@ pub fn uniform_of(ctx: &mut Context<'_, '_>, members: &[usize]) -> Result<Merged
             score,
         });
     }
-    let mut acc = Accumulator::new(set);
-    acc.reset(set, members[0]);
-    for &m in &members[1..] {
-        acc.add(set, m);
-    }
-    let mut weights = Weights::new(set);
-    acc.mean_into(set, None, &mut weights);
+    let weights = Weights::build(set, Recipe::Mean(members));
     let score = ctx.cache.score(set, CandidateKey::mean(members), || {
         Candidate::Average(&weights)
     })?;
