@@ -21,7 +21,7 @@ use crate::reporting::{
 use crate::scoring::data::{self, DataOptions, Filter, Labels, ValidationSet};
 use crate::scoring::onnx::{self, Binding, OnnxModel};
 use crate::scoring::{runtime, CandidateKey, Metric, OnnxScorer, ScoreCache, SessionOptions};
-use crate::storage::writer::{write_safetensors, TensorOut};
+use crate::storage::writer::{shard_paths, write_safetensors, write_sharded, TensorOut};
 use crate::storage::CheckpointSet;
 use crate::strategies::{self, Context, Direction, Merged, Outcome, StrategyParams};
 
@@ -102,6 +102,8 @@ pub struct MergeConfig {
     pub plot: Option<PathBuf>,
     /// The ONNX model with the result's weights embedded.
     pub export_onnx: Option<PathBuf>,
+    /// Shard outputs larger than this many bytes.
+    pub shard_size: Option<u64>,
     pub fail_below: Option<f64>,
     pub require_gain: Option<Baseline>,
 }
@@ -322,10 +324,12 @@ pub fn run(cfg: &MergeConfig) -> Result<RunOutcome> {
             .collect(),
         Destination::Nowhere => Vec::new(),
     };
+    let mut written = Vec::new();
     for (i, path) in &targets {
-        results[*i].output = Some(path.display().to_string());
         let meta = report.metadata(&results[*i], format.as_deref());
-        write_result(set, &outcomes[*i].2.merged, path, &meta)?;
+        let file = write_result(set, &outcomes[*i].2.merged, path, &meta, cfg.shard_size)?;
+        results[*i].output = Some(file.display().to_string());
+        written.push(file);
     }
     if let Some(path) = &cfg.export_onnx {
         let merged = &outcomes[chosen].2.merged;
@@ -395,7 +399,7 @@ pub fn run(cfg: &MergeConfig) -> Result<RunOutcome> {
             evaluations
         ));
     }
-    for (_, path) in &targets {
+    for path in &written {
         say(&format!("wrote {}", path.display()));
     }
     for path in [&cfg.export_onnx, &cfg.report, &cfg.plot]
@@ -620,12 +624,15 @@ fn gate(cfg: &MergeConfig, dir: Direction, score: f64, baseline: Option<(Baselin
     g
 }
 
+/// Writes a result, sharded when `shard_size` is given and the model exceeds it;
+/// returns the file written (the index for a sharded output).
 fn write_result(
     set: &CheckpointSet,
     merged: &Merged,
     path: &Path,
     meta: &BTreeMap<String, String>,
-) -> Result<()> {
+    shard_size: Option<u64>,
+) -> Result<PathBuf> {
     let candidate = merged.candidate();
     let tensors: Vec<TensorOut<'_>> = set
         .specs()
@@ -638,7 +645,10 @@ fn write_result(
             data: candidate.tensor_bytes(set, t),
         })
         .collect();
-    write_safetensors(path, &tensors, meta)
+    match shard_size {
+        Some(max) if set.model_bytes() as u64 > max => write_sharded(path, &tensors, meta, max),
+        _ => write_safetensors(path, &tensors, meta).map(|_| path.to_path_buf()),
+    }
 }
 
 fn draw(
@@ -695,7 +705,12 @@ fn check_outputs(cfg: &MergeConfig, set: &CheckpointSet, model: &Path) -> Result
     let input_canon: Vec<PathBuf> = inputs.iter().filter_map(|p| canon(p)).collect();
     let mut outputs: Vec<(&str, PathBuf)> = Vec::new();
     match &cfg.destination {
-        Destination::File(f) => outputs.push(("output", f.clone())),
+        Destination::File(f) => {
+            outputs.push(("output", f.clone()));
+            if cfg.shard_size.is_some() {
+                outputs.push(("output's shard index", shard_paths(f, 1).1));
+            }
+        }
         Destination::Dir(d) => {
             if !d.is_dir() {
                 return Err(Error::Output {

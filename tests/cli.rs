@@ -515,3 +515,50 @@ fn a_diverged_checkpoint_is_scored_reported_and_rejected() {
     let (got, _) = read_st(&out);
     assert!(got["fc1.weight"].values().iter().all(|v| v.is_finite()));
 }
+
+#[test]
+fn shard_size_splits_the_output_into_an_indexed_set_of_shards() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ck = digits_copy(tmp.path(), &(1..=15).collect::<Vec<_>>());
+    let out = ck.join("aswa.safetensors");
+    let run = |out: &std::path::Path| {
+        cmd()
+            .arg(&ck)
+            .arg("--val")
+            .arg(tmp.path().join("val.npz"))
+            .arg("-o")
+            .arg(out)
+            .args(["--shard-size", "10KB"])
+            .assert()
+            .success()
+    };
+    run(&out).stderr(contains("aswa.safetensors.index.json"));
+    let index = read_json(&ck.join("aswa.safetensors.index.json"));
+    assert!(index["metadata"]["total_size"].as_u64().unwrap() > 20_000);
+    assert_eq!(index["metadata"]["aswa_merge.strategy"], "aswa");
+    let map = index["weight_map"].as_object().unwrap();
+    let mut shards: Vec<&str> = map.values().map(|v| v.as_str().unwrap()).collect();
+    shards.sort();
+    shards.dedup();
+    assert!(shards.len() >= 2, "{shards:?}");
+    assert!(shards
+        .iter()
+        .all(|s| s.starts_with("aswa-0000") && s.contains("-of-0000")));
+    // Reassembled, the shards hold exactly the unsharded result.
+    let mut all = std::collections::BTreeMap::new();
+    for s in &shards {
+        let (t, _) = read_st(&ck.join(s));
+        for (name, tensor) in t {
+            assert_eq!(map[&name], *s, "{name} is in the shard the index names");
+            all.insert(name, tensor);
+        }
+    }
+    let single = tmp.path().join("single.safetensors");
+    write_st(&single, &all);
+    assert_weights_match(
+        &single,
+        &fixture("digits/expected/aswa_accuracy.safetensors"),
+    );
+    // A second run in the same directory does not take the sharded output for a checkpoint.
+    run(&out).stderr(contains("sharded output of aswa-merge"));
+}

@@ -258,6 +258,12 @@ pub struct CommonArgs {
     #[arg(long, value_name = "FILE.onnx")]
     pub export_onnx: Option<PathBuf>,
 
+    /// Split the output into shards of at most SIZE (e.g. 5GB, 500MB, 2GiB) with a
+    /// Hugging Face style index (NAME-00001-of-0000N.safetensors + NAME.safetensors.index.json).
+    /// An output that fits in one shard stays a single file.
+    #[arg(long, value_name = "SIZE", value_parser = crate::storage::writer::parse_size)]
+    pub shard_size: Option<u64>,
+
     /// CI gate: exit 3 when the result's validation score is worse than SCORE (the output
     /// is still written; the report says why).
     #[arg(long, value_name = "SCORE")]
@@ -337,6 +343,7 @@ impl CommonArgs {
             test_filter: self.test_filter.clone(),
             plot: self.plot.clone(),
             export_onnx: self.export_onnx.clone(),
+            shard_size: self.shard_size,
             fail_below: self.fail_below,
             require_gain: self.require_gain,
         }

@@ -79,6 +79,13 @@ pub fn discover(dir: &Path, options: &DiscoverOptions) -> Result<Discovery> {
                 None => continue,
             }
         } else if is_index(&path) {
+            if index_written_by_us(&path) {
+                out.skipped.push((
+                    path.clone(),
+                    "it is a sharded output of aswa-merge (its index says so)".into(),
+                ));
+                continue;
+            }
             CheckpointSource::Sharded {
                 index: path.clone(),
             }
@@ -179,6 +186,14 @@ fn folder_checkpoint(dir: &Path) -> Option<CheckpointSource> {
         .into_iter()
         .next()
         .map(|index| CheckpointSource::Sharded { index })
+}
+
+/// `true` when a shard index's `metadata` carries this tool's marker.
+fn index_written_by_us(path: &Path) -> bool {
+    fs::read_to_string(path)
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .is_some_and(|v| v["metadata"].get(PRODUCER_KEY).is_some())
 }
 
 /// `true` when the file's safetensors metadata carries this tool's marker.

@@ -30,10 +30,12 @@ pub fn write_safetensors(
     tensors: &[TensorOut<'_>],
     metadata: &BTreeMap<String, String>,
 ) -> Result<()> {
-    let out_err = |message: String| Error::Output {
-        path: path.to_path_buf(),
-        message,
-    };
+    let order = layout(tensors);
+    write_file(path, &order, metadata)
+}
+
+/// Tensors in file order: decreasing element size, then name (keeps every tensor aligned).
+fn layout<'a, 'b>(tensors: &'b [TensorOut<'a>]) -> Vec<&'b TensorOut<'a>> {
     let mut order: Vec<&TensorOut<'_>> = tensors.iter().collect();
     order.sort_by(|a, b| {
         b.dtype
@@ -41,13 +43,24 @@ pub fn write_safetensors(
             .cmp(&a.dtype.size())
             .then_with(|| a.name.cmp(b.name))
     });
+    order
+}
 
+fn write_file(
+    path: &Path,
+    order: &[&TensorOut<'_>],
+    metadata: &BTreeMap<String, String>,
+) -> Result<()> {
+    let out_err = |message: String| Error::Output {
+        path: path.to_path_buf(),
+        message,
+    };
     let mut header = Map::new();
     if !metadata.is_empty() {
         header.insert("__metadata__".into(), json!(metadata));
     }
     let mut offset = 0usize;
-    for t in &order {
+    for t in order {
         let expected = t.shape.iter().product::<usize>() * t.dtype.size();
         if expected != t.data.len() {
             return Err(out_err(format!(
@@ -72,15 +85,128 @@ pub fn write_safetensors(
     while header_bytes.len() % 8 != 0 {
         header_bytes.push(b' ');
     }
-
     atomic_write(path, |w| {
         w.write_all(&(header_bytes.len() as u64).to_le_bytes())?;
         w.write_all(&header_bytes)?;
-        for t in &order {
+        for t in order {
             w.write_all(t.data)?;
         }
         Ok(())
     })
+}
+
+/// The files a sharded output at `path` (`NAME.safetensors`) consists of:
+/// `NAME-0000K-of-0000N.safetensors` for K in 1..=N, and `NAME.safetensors.index.json`.
+pub fn shard_paths(path: &Path, shards: usize) -> (Vec<std::path::PathBuf>, std::path::PathBuf) {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let stem = name
+        .strip_suffix(".safetensors")
+        .unwrap_or(&name)
+        .to_string();
+    let files = (1..=shards)
+        .map(|k| path.with_file_name(format!("{stem}-{k:05}-of-{shards:05}.safetensors")))
+        .collect();
+    (
+        files,
+        path.with_file_name(format!("{stem}.safetensors.index.json")),
+    )
+}
+
+/// Writes `tensors` as shards of at most `max_bytes` of tensor data each (a larger
+/// tensor gets a shard of its own) plus an index, the layout `transformers` and
+/// `safetensors` load: `metadata.total_size` and a `weight_map` from tensor name to
+/// shard file. Every file is written atomically, the index last; on an error the
+/// shards already written are removed. Returns the index path.
+pub fn write_sharded(
+    path: &Path,
+    tensors: &[TensorOut<'_>],
+    metadata: &BTreeMap<String, String>,
+    max_bytes: u64,
+) -> Result<std::path::PathBuf> {
+    let order = layout(tensors);
+    let mut groups: Vec<Vec<&TensorOut<'_>>> = vec![Vec::new()];
+    let mut size = 0u64;
+    for t in order {
+        let len = t.data.len() as u64;
+        if size > 0 && size + len > max_bytes {
+            groups.push(Vec::new());
+            size = 0;
+        }
+        groups.last_mut().expect("never empty").push(t);
+        size += len;
+    }
+    let (files, index) = shard_paths(path, groups.len());
+    let mut written = Vec::new();
+    let mut weight_map = BTreeMap::new();
+    let result = (|| -> Result<()> {
+        for (group, file) in groups.iter().zip(&files) {
+            write_file(file, group, metadata)?;
+            written.push(file.clone());
+            let name = file
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            for t in group {
+                weight_map.insert(t.name.to_string(), name.clone());
+            }
+        }
+        let total: usize = tensors.iter().map(|t| t.data.len()).sum();
+        let mut meta = Map::new();
+        meta.insert("total_size".into(), json!(total));
+        for (k, v) in metadata {
+            meta.insert(k.clone(), json!(v));
+        }
+        let text =
+            serde_json::to_string_pretty(&json!({"metadata": meta, "weight_map": weight_map}))
+                .map_err(|e| Error::Output {
+                    path: index.clone(),
+                    message: format!("cannot encode the index: {e}"),
+                })?;
+        atomic_write(&index, |w| w.write_all(text.as_bytes()))
+    })();
+    if result.is_err() {
+        for f in &written {
+            let _ = std::fs::remove_file(f);
+        }
+    }
+    result.map(|_| index)
+}
+
+/// Parses a size such as `5GB`, `500MB`, `2GiB` or `1000000` (bytes). Decimal units
+/// are powers of 1000 (as Hugging Face's `max_shard_size`), binary ones powers of 1024.
+pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let value: f64 = num
+        .parse()
+        .map_err(|_| format!("`{s}`: expected a size like 5GB or 500MB"))?;
+    let mult: f64 = match unit.trim().to_ascii_uppercase().as_str() {
+        "" | "B" => 1.0,
+        "KB" => 1e3,
+        "MB" => 1e6,
+        "GB" => 1e9,
+        "TB" => 1e12,
+        "KIB" => 1024.0,
+        "MIB" => 1024.0 * 1024.0,
+        "GIB" => 1024.0 * 1024.0 * 1024.0,
+        "TIB" => 1024f64.powi(4),
+        other => {
+            return Err(format!(
+                "`{s}`: unknown unit `{other}` (use B, KB, MB, GB, KiB, MiB, GiB)"
+            ))
+        }
+    };
+    let bytes = (value * mult).round();
+    if bytes < 1.0 {
+        return Err(format!("`{s}`: must be at least one byte"));
+    }
+    Ok(bytes as u64)
 }
 
 /// Writes a file atomically: `write` fills a temporary file in `path`'s directory,
@@ -188,6 +314,58 @@ mod tests {
         assert_eq!(m.metadata().as_ref().unwrap()["k"], "v");
         // Nothing but the two outputs is left in the directory.
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2);
+    }
+
+    #[test]
+    fn sharded_output_has_an_index_and_respects_the_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = vec![1u8; 400];
+        let b = vec![2u8; 400];
+        let c = vec![3u8; 40];
+        let tensors = [
+            TensorOut {
+                name: "a",
+                dtype: DType::F32,
+                shape: &[100],
+                data: &a,
+            },
+            TensorOut {
+                name: "b",
+                dtype: DType::F32,
+                shape: &[100],
+                data: &b,
+            },
+            TensorOut {
+                name: "c",
+                dtype: DType::F32,
+                shape: &[10],
+                data: &c,
+            },
+        ];
+        let mut meta = BTreeMap::new();
+        meta.insert("format".to_string(), "pt".to_string());
+        let index = write_sharded(&dir.path().join("m.safetensors"), &tensors, &meta, 500).unwrap();
+        assert_eq!(index.file_name().unwrap(), "m.safetensors.index.json");
+        let idx: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&index).unwrap()).unwrap();
+        assert_eq!(idx["metadata"]["total_size"], 840);
+        assert_eq!(idx["weight_map"]["a"], "m-00001-of-00002.safetensors");
+        assert_eq!(idx["weight_map"]["b"], "m-00002-of-00002.safetensors");
+        assert_eq!(idx["weight_map"]["c"], "m-00002-of-00002.safetensors");
+        let bytes = std::fs::read(dir.path().join("m-00002-of-00002.safetensors")).unwrap();
+        let st = SafeTensors::deserialize(&bytes).unwrap();
+        assert_eq!(st.tensor("c").unwrap().data(), &c[..]);
+    }
+
+    #[test]
+    fn sizes_parse_with_decimal_and_binary_units() {
+        assert_eq!(parse_size("5GB").unwrap(), 5_000_000_000);
+        assert_eq!(parse_size("500MB").unwrap(), 500_000_000);
+        assert_eq!(parse_size("2GiB").unwrap(), 2 << 30);
+        assert_eq!(parse_size("1.5kb").unwrap(), 1500);
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert!(parse_size("5 parsecs").is_err());
+        assert!(parse_size("0").is_err());
     }
 
     #[test]
