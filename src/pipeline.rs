@@ -12,6 +12,7 @@ use std::time::Instant;
 
 use rayon::prelude::*;
 
+use crate::averaging::Candidate;
 use crate::discovery::{self, DiscoverOptions};
 use crate::error::{Error, Result};
 use crate::reporting::plot::{self, Bar, StepPoint};
@@ -23,7 +24,7 @@ use crate::scoring::onnx::{self, Binding, OnnxModel};
 use crate::scoring::{runtime, CandidateKey, Metric, OnnxScorer, ScoreCache, SessionOptions};
 use crate::storage::writer::{shard_paths, write_safetensors, write_sharded, TensorOut};
 use crate::storage::CheckpointSet;
-use crate::strategies::{self, Context, Direction, Merged, Outcome, StrategyParams};
+use crate::strategies::{self, Context, Direction, Merged, StrategyParams};
 
 /// The baseline a result must beat for `--require-gain`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -104,6 +105,8 @@ pub struct MergeConfig {
     pub export_onnx: Option<PathBuf>,
     /// Shard outputs larger than this many bytes.
     pub shard_size: Option<u64>,
+    /// Check and plan only ([`plan`]); [`run`] ignores it.
+    pub dry_run: bool,
     pub fail_below: Option<f64>,
     pub require_gain: Option<Baseline>,
 }
@@ -174,9 +177,40 @@ pub fn run(cfg: &MergeConfig) -> Result<RunOutcome> {
         }
     ));
 
-    // Strategies, sharing one score cache.
+    // The report's common part: what the metadata of every written file needs.
+    let path_of = |i: usize| set.checkpoints()[i].path().display().to_string();
+    let mut report = Report {
+        tool: "aswa-merge".into(),
+        version: reporting::VERSION.into(),
+        metric: p.metric.name(),
+        higher_is_better: p.direction.higher_is_better,
+        checkpoints: (0..set.len()).map(path_of).collect(),
+        inputs,
+        result: None,
+        strategies: None,
+        winner: None,
+        last_test_score: None,
+        gate: Gate::default(),
+        model: p.model_path.display().to_string(),
+        validation: cfg.val.display().to_string(),
+        validation_rows: rows,
+        test: cfg.test.as_ref().map(|t| t.display().to_string()),
+        batch_size,
+        evaluations: 0,
+        onnxruntime: rt.library.display().to_string(),
+        skipped: p.skipped.clone(),
+    };
+    let format = set.checkpoints()[0].metadata().get("format").cloned();
+
+    // Strategies, sharing one score cache. Each result is scored on the test set and,
+    // with `compare -o DIR`, written as soon as it is known; only the best result so
+    // far keeps its weights, so memory does not grow with the number of strategies.
     let mut cache = ScoreCache::new(&mut scorer);
-    let mut outcomes: Vec<(String, BTreeMap<String, String>, Outcome, f64)> = Vec::new();
+    let mut test_scores: HashMap<CandidateKey, f64> = HashMap::new();
+    let mut results: Vec<StrategyReport> = Vec::new();
+    let mut aswa_steps: Vec<strategies::Step> = Vec::new();
+    let mut best: Option<(usize, Merged)> = None;
+    let mut written = Vec::new();
     for name in &cfg.strategies {
         let strategy = strategies::by_name(name, &cfg.params)?;
         let started = Instant::now();
@@ -209,13 +243,58 @@ pub fn run(cfg: &MergeConfig) -> Result<RunOutcome> {
         };
         let outcome = strategy.run(&mut ctx)?;
         pb.finish_and_clear();
-        outcomes.push((
-            name.clone(),
-            strategy.params(),
-            outcome,
-            started.elapsed().as_secs_f64(),
-        ));
+        let merged = outcome.merged;
+        let key = if name == "ema" && merged.weights.is_some() {
+            CandidateKey::Ema(merged.members.clone(), cfg.params.ema_decay.to_bits())
+        } else {
+            CandidateKey::mean(&merged.members)
+        };
+        let test_score = match test_index {
+            Some(which) => Some(match test_scores.get(&key) {
+                Some(&s) => s,
+                None => {
+                    let s = cache.scorer().score_on(set, merged.candidate(), which)?;
+                    test_scores.insert(key, s);
+                    s
+                }
+            }),
+            None => None,
+        };
+        let mut result = StrategyReport {
+            strategy: name.clone(),
+            params: strategy.params(),
+            steps: outcome
+                .steps
+                .iter()
+                .map(|s| StepReport::new(s, &path_of(s.checkpoint)))
+                .collect(),
+            members: merged.members.iter().map(|&i| path_of(i)).collect(),
+            val_score: merged.score,
+            test_score,
+            output: None,
+            seconds: started.elapsed().as_secs_f64(),
+        };
+        if walks {
+            aswa_steps = outcome.steps;
+        }
+        if let Destination::Dir(d) = &cfg.destination {
+            let path = d.join(format!("{name}.safetensors"));
+            let meta = report.metadata(&result, format.as_deref());
+            let file = write_result(set, &merged, &path, &meta, cfg.shard_size)?;
+            result.output = Some(file.display().to_string());
+            written.push(file);
+        }
+        if best
+            .as_ref()
+            .is_none_or(|(_, b)| p.direction.better(merged.score, b.score))
+        {
+            best = Some((results.len(), merged));
+        }
+        results.push(result);
     }
+    let Some((chosen, merged)) = best else {
+        return Err(Error::Usage("no strategy to run".into()));
+    };
 
     // Baseline for --require-gain.
     let baseline = match cfg.require_gain {
@@ -233,106 +312,35 @@ pub fn run(cfg: &MergeConfig) -> Result<RunOutcome> {
         }
         None => None,
     };
-    let evaluations = cache.evaluations();
-    drop(cache);
-
-    // Test scores, for reporting only.
-    let mut test_scores: HashMap<CandidateKey, f64> = HashMap::new();
-    let mut test_score = |key: CandidateKey, merged: &Merged| -> Result<Option<f64>> {
-        let Some(which) = test_index else {
-            return Ok(None);
-        };
-        if let Some(&s) = test_scores.get(&key) {
-            return Ok(Some(s));
+    if !cfg.compare {
+        if let Some(which) = test_index {
+            let last = set.len() - 1;
+            let key = CandidateKey::mean(&[last]);
+            report.last_test_score = Some(match test_scores.get(&key) {
+                Some(&s) => s,
+                None => cache
+                    .scorer()
+                    .score_on(set, Candidate::Checkpoint(last), which)?,
+            });
         }
-        let s = scorer.score_on(set, merged.candidate(), which)?;
-        test_scores.insert(key, s);
-        Ok(Some(s))
-    };
-    let path_of = |i: usize| set.checkpoints()[i].path().display().to_string();
-    let mut results: Vec<StrategyReport> = Vec::new();
-    for (name, params, outcome, seconds) in &outcomes {
-        let m = &outcome.merged;
-        let key = if name == "ema" && m.weights.is_some() {
-            CandidateKey::Ema(m.members.clone(), cfg.params.ema_decay.to_bits())
-        } else {
-            CandidateKey::mean(&m.members)
-        };
-        results.push(StrategyReport {
-            strategy: name.clone(),
-            params: params.clone(),
-            steps: outcome
-                .steps
-                .iter()
-                .map(|s| StepReport::new(s, &path_of(s.checkpoint)))
-                .collect(),
-            members: m.members.iter().map(|&i| path_of(i)).collect(),
-            val_score: m.score,
-            test_score: test_score(key, m)?,
-            output: None,
-            seconds: *seconds,
-        });
     }
-    let last = Merged {
-        members: vec![set.len() - 1],
-        weights: None,
-        score: f64::NAN,
-    };
-    let last_test_score = if cfg.compare {
-        None
-    } else {
-        test_score(CandidateKey::mean(&last.members), &last)?
-    };
-
-    // The winner (compare) or the result (main command), and the gates.
-    let scores: Vec<f64> = results.iter().map(|r| r.val_score).collect();
-    let chosen = p.direction.ranking(&scores)[0];
-    let gate = gate(cfg, p.direction, scores[chosen], baseline);
+    report.evaluations = cache.evaluations();
+    drop(cache);
+    report.gate = gate(cfg, p.direction, merged.score, baseline);
 
     // The checkpoints must not have changed under us.
     for c in set.checkpoints() {
         c.check_unchanged()?;
     }
 
-    // Write.
-    let mut report = Report {
-        tool: "aswa-merge".into(),
-        version: reporting::VERSION.into(),
-        metric: p.metric.name(),
-        higher_is_better: p.direction.higher_is_better,
-        checkpoints: (0..set.len()).map(path_of).collect(),
-        inputs,
-        result: None,
-        strategies: None,
-        winner: None,
-        last_test_score,
-        gate,
-        model: p.model_path.display().to_string(),
-        validation: cfg.val.display().to_string(),
-        validation_rows: rows,
-        test: cfg.test.as_ref().map(|t| t.display().to_string()),
-        batch_size,
-        evaluations,
-        onnxruntime: rt.library.display().to_string(),
-        skipped: p.skipped.clone(),
-    };
-    let format = set.checkpoints()[0].metadata().get("format").cloned();
-    let targets: Vec<(usize, PathBuf)> = match &cfg.destination {
-        Destination::File(f) => vec![(chosen, f.clone())],
-        Destination::Dir(d) => (0..results.len())
-            .map(|i| (i, d.join(format!("{}.safetensors", results[i].strategy))))
-            .collect(),
-        Destination::Nowhere => Vec::new(),
-    };
-    let mut written = Vec::new();
-    for (i, path) in &targets {
-        let meta = report.metadata(&results[*i], format.as_deref());
-        let file = write_result(set, &outcomes[*i].2.merged, path, &meta, cfg.shard_size)?;
-        results[*i].output = Some(file.display().to_string());
+    // Write what is left.
+    if let Destination::File(path) = &cfg.destination {
+        let meta = report.metadata(&results[chosen], format.as_deref());
+        let file = write_result(set, &merged, path, &meta, cfg.shard_size)?;
+        results[chosen].output = Some(file.display().to_string());
         written.push(file);
     }
     if let Some(path) = &cfg.export_onnx {
-        let merged = &outcomes[chosen].2.merged;
         let candidate = merged.candidate();
         onnx::export(
             &p.model,
@@ -357,8 +365,10 @@ pub fn run(cfg: &MergeConfig) -> Result<RunOutcome> {
         report.write(r)?;
     }
     if let Some(path) = &cfg.plot {
-        draw(path, &report, &results, &outcomes, &p)?;
+        draw(path, &report, &results, &aswa_steps, &p)?;
     }
+    let last_test_score = report.last_test_score;
+    let evaluations = report.evaluations;
 
     // Summary.
     if cfg.compare {
@@ -373,9 +383,7 @@ pub fn run(cfg: &MergeConfig) -> Result<RunOutcome> {
         ));
     } else {
         let r = &results[chosen];
-        let member_names: Vec<&str> = outcomes[chosen]
-            .2
-            .merged
+        let member_names: Vec<&str> = merged
             .members
             .iter()
             .map(|&i| p.names[i].as_str())
@@ -418,6 +426,138 @@ pub fn run(cfg: &MergeConfig) -> Result<RunOutcome> {
         report,
         gate_passed,
     })
+}
+
+/// What a run would do, from `--dry-run`: everything is read and checked, nothing is
+/// scored or written.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Plan {
+    pub checkpoints: Vec<String>,
+    pub tensors: usize,
+    pub float_parameters: usize,
+    /// Bytes of one model (all tensors of one checkpoint).
+    pub model_bytes: u64,
+    /// Bytes of all checkpoint files.
+    pub bytes_to_read: u64,
+    pub validation_rows: usize,
+    pub validation_bytes: u64,
+    pub strategies: Vec<String>,
+    /// Predicted peak of the buffers the tool allocates (memory-mapped checkpoint pages
+    /// come on top; the OS can drop them under pressure).
+    pub predicted_peak_bytes: u64,
+    pub metric: String,
+}
+
+/// Reads and checks every input like [`run`], and returns the plan instead of running it.
+pub fn plan(cfg: &MergeConfig) -> Result<Plan> {
+    let say = |line: &str| {
+        if !cfg.quiet {
+            eprintln!("{line}");
+        }
+    };
+    let p = prepare(cfg, &say)?;
+    let set = &p.set;
+    let float_params: usize = set
+        .specs()
+        .iter()
+        .filter(|s| s.dtype.is_float())
+        .map(|s| s.numel())
+        .sum();
+    let float_bytes: u64 = set
+        .specs()
+        .iter()
+        .filter(|s| s.dtype.is_float())
+        .map(|s| (s.numel() * s.dtype.size()) as u64)
+        .sum();
+    // Weights in the model's type when they must be converted to be fed.
+    let conversion: u64 = p
+        .binding
+        .bound
+        .iter()
+        .filter(|b| b.elem.dtype() != set.specs()[b.tensor].dtype)
+        .map(|b| (b.shape.iter().product::<usize>() * b.elem.dtype().size()) as u64)
+        .sum();
+    let data_bytes = |d: &ValidationSet| -> u64 {
+        d.inputs
+            .iter()
+            .map(|(_, a)| (a.shape().iter().product::<usize>() * a.element_size()) as u64)
+            .sum()
+    };
+    let validation_bytes = data_bytes(&p.val) + p.test.as_ref().map_or(0, |(d, _)| data_bytes(d));
+    // ASWA: an f64 sum, the ensemble and the look-ahead; the others: their result.
+    let per_strategy = |name: &str| -> u64 {
+        if name == "aswa" {
+            8 * float_params as u64 + 2 * float_bytes
+        } else {
+            float_bytes
+        }
+    };
+    // compare also keeps the best result so far while the next one runs.
+    let kept = if cfg.strategies.len() > 1 {
+        float_bytes
+    } else {
+        0
+    };
+    let strategies_bytes = cfg
+        .strategies
+        .iter()
+        .map(|s| per_strategy(s))
+        .max()
+        .unwrap_or(0)
+        + kept;
+    let plan = Plan {
+        checkpoints: set
+            .checkpoints()
+            .iter()
+            .map(|c| c.path().display().to_string())
+            .collect(),
+        tensors: set.specs().len(),
+        float_parameters: float_params,
+        model_bytes: set.model_bytes() as u64,
+        bytes_to_read: set.checkpoints().iter().map(|c| c.size_bytes()).sum(),
+        validation_rows: p.val.rows,
+        validation_bytes,
+        strategies: cfg.strategies.clone(),
+        predicted_peak_bytes: strategies_bytes + conversion + validation_bytes,
+        metric: p.metric.name(),
+    };
+    say(&format!(
+        "plan: {} strategy {} over {} checkpoints; {} tensors ({} float parameters), {} per model",
+        if cfg.compare { "compare:" } else { "" },
+        plan.strategies.join(","),
+        plan.checkpoints.len(),
+        plan.tensors,
+        plan.float_parameters,
+        human(plan.model_bytes)
+    ));
+    say(&format!(
+        "      read {} of checkpoints; validation {} rows ({}); metric {}",
+        human(plan.bytes_to_read),
+        plan.validation_rows,
+        human(plan.validation_bytes),
+        plan.metric
+    ));
+    say(&format!(
+        "      predicted peak memory {} (plus memory-mapped checkpoint pages); nothing scored or written",
+        human(plan.predicted_peak_bytes)
+    ));
+    Ok(plan)
+}
+
+/// Bytes in the largest fitting binary unit.
+fn human(bytes: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < units.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", units[u])
+    }
 }
 
 /// Reads and checks every input.
@@ -655,21 +795,19 @@ fn draw(
     path: &Path,
     report: &Report,
     results: &[StrategyReport],
-    outcomes: &[(String, BTreeMap<String, String>, Outcome, f64)],
+    aswa_steps: &[strategies::Step],
     p: &Prepared,
 ) -> Result<()> {
-    let steps: Option<Vec<StepPoint<'_>>> =
-        outcomes.iter().find(|o| !o.2.steps.is_empty()).map(|o| {
-            o.2.steps
-                .iter()
-                .map(|s| StepPoint {
-                    label: &p.names[s.checkpoint],
-                    running: s.running_score,
-                    ensemble: s.ensemble_score,
-                    decision: s.decision,
-                })
-                .collect()
-        });
+    let steps: Vec<StepPoint<'_>> = aswa_steps
+        .iter()
+        .map(|s| StepPoint {
+            label: &p.names[s.checkpoint],
+            running: s.running_score,
+            ensemble: s.ensemble_score,
+            decision: s.decision,
+        })
+        .collect();
+    let steps = (!steps.is_empty()).then_some(steps);
     let hib = report.higher_is_better;
     if results.len() == 1 {
         if let Some(steps) = &steps {

@@ -562,3 +562,32 @@ fn shard_size_splits_the_output_into_an_indexed_set_of_shards() {
     // A second run in the same directory does not take the sharded output for a checkpoint.
     run(&out).stderr(contains("sharded output of aswa-merge"));
 }
+
+#[test]
+fn dry_run_checks_and_plans_without_scoring_or_writing() {
+    let run = Run::new();
+    cmd()
+        .arg(fixture("digits/checkpoints"))
+        .args(strs(&digits_args()))
+        .arg("-o")
+        .arg(run.out())
+        .arg("--dry-run")
+        .env("ORT_DYLIB_PATH", "/nonexistent/libonnxruntime.so")
+        .assert()
+        .success()
+        .stderr(
+            contains("15 checkpoints")
+                .and(contains("9 tensors (5066 float parameters)"))
+                .and(contains("predicted peak memory"))
+                .and(contains("nothing scored or written")),
+        );
+    assert!(!run.out().exists());
+    // Problems are still found.
+    cmd()
+        .arg(fixture("exports/cnn_checkpoints"))
+        .args(strs(&digits_args()))
+        .arg("--dry-run")
+        .assert()
+        .code(2)
+        .stderr(contains("do not match"));
+}

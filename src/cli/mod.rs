@@ -284,6 +284,11 @@ pub struct CommonArgs {
     #[arg(long, value_name = "PATH")]
     pub ort_lib: Option<PathBuf>,
 
+    /// Check everything and print the plan (checkpoints in order, tensors, bytes to read,
+    /// predicted peak memory) without scoring or writing anything.
+    #[arg(long)]
+    pub dry_run: bool,
+
     /// Print nothing but errors.
     #[arg(short, long)]
     pub quiet: bool,
@@ -344,6 +349,7 @@ impl CommonArgs {
             plot: self.plot.clone(),
             export_onnx: self.export_onnx.clone(),
             shard_size: self.shard_size,
+            dry_run: self.dry_run,
             fail_below: self.fail_below,
             require_gain: self.require_gain,
         }
@@ -393,6 +399,19 @@ pub fn main() -> ExitCode {
         let _ = rayon::ThreadPoolBuilder::new()
             .num_threads(config.threads)
             .build_global();
+    }
+    if config.dry_run {
+        return match pipeline::plan(&config) {
+            Ok(_) => ExitCode::from(EXIT_OK),
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(if e.is_user_error() {
+                    EXIT_BAD_INPUT
+                } else {
+                    EXIT_INTERNAL
+                })
+            }
+        };
     }
     match pipeline::run(&config) {
         Ok(outcome) if outcome.gate_passed => ExitCode::from(EXIT_OK),

@@ -48,6 +48,16 @@ impl Array {
         each_array!(self, a => a.shape())
     }
 
+    /// Bytes per element.
+    pub fn element_size(&self) -> usize {
+        match self {
+            Array::F64(_) | Array::I64(_) => 8,
+            Array::F32(_) | Array::I32(_) => 4,
+            Array::F16(_) | Array::BF16(_) | Array::I16(_) => 2,
+            Array::I8(_) | Array::U8(_) | Array::Bool(_) => 1,
+        }
+    }
+
     /// numpy's name for the element type.
     pub fn dtype_name(&self) -> &'static str {
         match self {

@@ -22,8 +22,25 @@ pub use session::{OnnxScorer, SessionOptions};
 
 /// Something that gives a candidate model a validation score.
 pub trait Scorer {
-    /// Scores `candidate` (a checkpoint of `set` or an average of them).
+    /// Scores `candidate` (a checkpoint of `set` or an average of them) on the
+    /// validation set.
     fn score(&mut self, set: &CheckpointSet, candidate: Candidate<'_>) -> Result<f64>;
+
+    /// Scores `candidate` on data set `dataset` (0 is the validation set; others are
+    /// whatever the scorer was given, e.g. a test set).
+    fn score_on(
+        &mut self,
+        set: &CheckpointSet,
+        candidate: Candidate<'_>,
+        dataset: usize,
+    ) -> Result<f64> {
+        match dataset {
+            0 => self.score(set, candidate),
+            _ => Err(crate::Error::Usage(format!(
+                "this scorer has no data set {dataset}"
+            ))),
+        }
+    }
 }
 
 /// What identifies a candidate model: its members and how they are weighted.

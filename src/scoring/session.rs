@@ -150,7 +150,7 @@ impl OnnxScorer {
     }
 
     /// Scores `candidate` on data set `which` (0 is the validation set).
-    pub fn score_on(
+    fn score_dataset(
         &mut self,
         set: &CheckpointSet,
         candidate: Candidate<'_>,
@@ -235,7 +235,19 @@ impl OnnxScorer {
 
 impl Scorer for OnnxScorer {
     fn score(&mut self, set: &CheckpointSet, candidate: Candidate<'_>) -> Result<f64> {
-        self.score_on(set, candidate, 0)
+        self.score_dataset(set, candidate, 0)
+    }
+
+    fn score_on(
+        &mut self,
+        set: &CheckpointSet,
+        candidate: Candidate<'_>,
+        dataset: usize,
+    ) -> Result<f64> {
+        if dataset >= self.datasets.len() {
+            return Err(Error::Usage(format!("no data set {dataset}")));
+        }
+        self.score_dataset(set, candidate, dataset)
     }
 }
 
