@@ -107,6 +107,8 @@ pub struct MergeConfig {
     pub shard_size: Option<u64>,
     /// Check and plan only ([`plan`]); [`run`] ignores it.
     pub dry_run: bool,
+    /// Where ONNX Runtime runs the model.
+    pub device: crate::scoring::Device,
     pub fail_below: Option<f64>,
     pub require_gain: Option<Baseline>,
 }
@@ -160,16 +162,21 @@ pub fn run(cfg: &MergeConfig) -> Result<RunOutcome> {
             batch_size: cfg.batch_size,
             threads: cfg.threads,
             output: cfg.output_name.clone(),
+            device: cfg.device,
         },
     )?;
+    if let Some(why) = scorer.device_note() {
+        say(&format!("note: --device auto uses the CPU: {why}"));
+    }
     let test_index = p.test.clone().map(|(d, f)| scorer.add_dataset(d, f));
     let batch_size = scorer.batch_size();
     say(&format!(
-        "scoring with {} on {} ({} rows, batches of {batch_size}, output `{}`), {} is better",
+        "scoring with {} on {} ({} rows, batches of {batch_size}, output `{}`, {}), {} is better",
         p.metric.name(),
         cfg.val.display(),
         rows,
         scorer.output_name(),
+        scorer.provider(),
         if p.direction.higher_is_better {
             "higher"
         } else {
@@ -198,6 +205,7 @@ pub fn run(cfg: &MergeConfig) -> Result<RunOutcome> {
         batch_size,
         evaluations: 0,
         onnxruntime: rt.library.display().to_string(),
+        execution_provider: scorer.provider().to_string(),
         skipped: p.skipped.clone(),
     };
     let format = set.checkpoints()[0].metadata().get("format").cloned();

@@ -77,6 +77,7 @@ fn digits_accuracy_matches_the_python_reference() {
     );
     assert_eq!(report["strategy"], "aswa");
     assert_eq!(report["output"], run.out().display().to_string());
+    assert_eq!(report["execution_provider"], "CPUExecutionProvider");
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;

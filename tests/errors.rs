@@ -307,3 +307,22 @@ fn the_report_may_not_replace_the_output_under_another_spelling() {
         &["the report and the output are the same file"],
     );
 }
+
+#[test]
+fn cuda_requested_without_a_usable_provider_is_an_error_not_a_cpu_run() {
+    // The test library is the CPU-only wheel: CUDA must be refused, naming what is missing.
+    let case = Case::digits(&[1, 2]);
+    case.fails(
+        &["--device", "cuda"],
+        &[
+            "--device cuda:0: CUDA is not usable",
+            "onnxruntime-gpu",
+            "cuDNN 9",
+            "--device cpu",
+        ],
+    );
+    case.fails(
+        &["--device", "tpu"],
+        &["expected cpu, cuda, cuda:N or auto"],
+    );
+}

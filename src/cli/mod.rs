@@ -279,6 +279,12 @@ pub struct CommonArgs {
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub threads: usize,
 
+    /// Where ONNX Runtime runs the model: cpu, cuda, cuda:N, or auto (CUDA when the
+    /// loaded ONNX Runtime can use it, else the CPU, saying why). cuda fails with the
+    /// missing pieces named when it is not usable; it never silently runs on the CPU.
+    #[arg(long, value_name = "DEVICE", default_value = "auto")]
+    pub device: crate::scoring::Device,
+
     /// Path of libonnxruntime.so. Default: ORT_DYLIB_PATH, then the onnxruntime package of
     /// python3, then the system library path.
     #[arg(long, value_name = "PATH")]
@@ -350,6 +356,7 @@ impl CommonArgs {
             export_onnx: self.export_onnx.clone(),
             shard_size: self.shard_size,
             dry_run: self.dry_run,
+            device: self.device,
             fail_below: self.fail_below,
             require_gain: self.require_gain,
         }

@@ -49,6 +49,8 @@ pub struct Report {
     /// Candidates actually scored on the validation set (each at most once).
     pub evaluations: usize,
     pub onnxruntime: String,
+    /// The execution provider the model ran on.
+    pub execution_provider: String,
     /// Paths that looked like checkpoints but were left out, with the reason.
     pub skipped: Vec<Skipped>,
 }

@@ -33,10 +33,44 @@ pub struct SessionOptions {
     pub threads: usize,
     /// Graph output the metric reads (default: the first output, or the metric's own).
     pub output: Option<String>,
+    /// Where ONNX Runtime runs the model.
+    pub device: Device,
+}
+
+/// `--device`: where the model runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Device {
+    /// The CPU execution provider.
+    Cpu,
+    /// The CUDA execution provider on this GPU; an error if it is not usable.
+    Cuda(u32),
+    /// CUDA on GPU 0 when the loaded ONNX Runtime can use it, else the CPU.
+    #[default]
+    Auto,
+}
+
+impl std::str::FromStr for Device {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "cpu" => Ok(Device::Cpu),
+            "auto" => Ok(Device::Auto),
+            "cuda" => Ok(Device::Cuda(0)),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(Device::Cuda)
+                .ok_or_else(|| format!("`{s}`: expected cpu, cuda, cuda:N or auto")),
+        }
+    }
 }
 
 /// Scores candidates on a validation set with a metric.
 pub struct OnnxScorer {
+    /// The execution provider the session was built with.
+    provider: &'static str,
+    /// Why `--device auto` fell back to the CPU, if it did.
+    device_note: Option<String>,
     session: Session,
     binding: Binding,
     /// Data sets to score on: the validation set first, then any added with
@@ -107,13 +141,53 @@ impl OnnxScorer {
                 model.path().display()
             ))
         };
-        let mut builder = Session::builder(&runtime.environment)
-            .map_err(|e| Error::Runtime(format!("cannot create a session builder: {e}")))?;
-        if options.threads > 0 {
-            builder = builder
-                .with_intra_threads(options.threads)
-                .map_err(rt_err)?;
-        }
+        let new_builder = || -> Result<ort::session::builder::SessionBuilder> {
+            let mut builder = Session::builder(&runtime.environment)
+                .map_err(|e| Error::Runtime(format!("cannot create a session builder: {e}")))?;
+            if options.threads > 0 {
+                builder = builder
+                    .with_intra_threads(options.threads)
+                    .map_err(rt_err)?;
+            }
+            Ok(builder)
+        };
+        let (mut builder, provider, note) = match options.device {
+            Device::Cpu => (new_builder()?, "CPUExecutionProvider", None),
+            Device::Cuda(_) | Device::Auto => {
+                let id = match options.device {
+                    Device::Cuda(n) => n,
+                    _ => 0,
+                };
+                let compiled =
+                    <ort::ep::CUDA as ort::ep::ExecutionProvider>::is_available().unwrap_or(false);
+                let registered = if compiled {
+                    new_builder()?
+                        .with_execution_providers([ort::ep::CUDA::default()
+                            .with_device_id(id as i32)
+                            .build()
+                            .error_on_failure()])
+                        .map_err(|e| e.to_string())
+                } else {
+                    Err(format!(
+                        "the ONNX Runtime library {} has no CUDA execution provider",
+                        runtime.library.display()
+                    ))
+                };
+                match (registered, options.device) {
+                    (Ok(b), _) => (b, "CUDAExecutionProvider", None),
+                    (Err(why), Device::Cuda(_)) => {
+                        return Err(Error::Usage(format!(
+                            "--device cuda:{id}: CUDA is not usable: {why}. Use onnxruntime-gpu==1.31.1 \
+                             (pip install onnxruntime-gpu==1.31.1, then --ort-lib or ORT_DYLIB_PATH \
+                             pointing at its capi/libonnxruntime.so.*), which needs the CUDA 13 \
+                             (cudart, cublas/cublasLt, curand, cufft, nvrtc) and cuDNN 9 libraries \
+                             on the library path; or run with --device cpu"
+                        )))
+                    }
+                    (Err(why), _) => (new_builder()?, "CPUExecutionProvider", Some(why)),
+                }
+            }
+        };
         let session = builder.commit_from_memory(&bytes).map_err(|e| {
             Error::model(
                 model.path(),
@@ -122,6 +196,8 @@ impl OnnxScorer {
         })?;
         let scratch = binding.bound.iter().map(|_| Scratch::default()).collect();
         Ok(Self {
+            provider,
+            device_note: note,
             session,
             binding,
             datasets: vec![(data, filter)],
@@ -131,6 +207,16 @@ impl OnnxScorer {
             fixed_batch,
             scratch,
         })
+    }
+
+    /// The execution provider the session runs on (`CPUExecutionProvider`, `CUDAExecutionProvider`).
+    pub fn provider(&self) -> &'static str {
+        self.provider
+    }
+
+    /// Why `--device auto` chose the CPU, when CUDA was not usable.
+    pub fn device_note(&self) -> Option<&str> {
+        self.device_note.as_deref()
     }
 
     /// Rows per batch actually used.
@@ -165,6 +251,7 @@ impl OnnxScorer {
             batch,
             fixed_batch,
             scratch,
+            ..
         } = self;
         let (data, filter) = &datasets[which];
 
