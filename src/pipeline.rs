@@ -109,6 +109,8 @@ pub struct MergeConfig {
     pub dry_run: bool,
     /// Where ONNX Runtime runs the model.
     pub device: crate::scoring::Device,
+    /// Leave out unreadable or inconsistent checkpoints instead of failing.
+    pub skip_invalid: bool,
     pub fail_below: Option<f64>,
     pub require_gain: Option<Baseline>,
 }
@@ -580,9 +582,37 @@ fn prepare(cfg: &MergeConfig, say: &dyn Fn(&str)) -> Result<Prepared> {
     for (path, why) in &found.skipped {
         say(&format!("note: skipping {}: {why}", path.display()));
     }
-    let names: Vec<String> = found.checkpoints.iter().map(|f| f.name.clone()).collect();
-    let unnumbered: Vec<&str> = found
+    let sources: Vec<_> = found.checkpoints.iter().map(|f| f.source.clone()).collect();
+    let mut skipped: Vec<Skipped> = found
+        .skipped
+        .iter()
+        .map(|(p, r)| Skipped {
+            path: p.display().to_string(),
+            reason: r.clone(),
+        })
+        .collect();
+    let (set, invalid) = if cfg.skip_invalid {
+        CheckpointSet::open_skipping_invalid(sources)?
+    } else {
+        (CheckpointSet::open(sources)?, Vec::new())
+    };
+    for (path, why) in invalid {
+        say(&format!(
+            "warning: --skip-invalid: leaving out {}: {why}",
+            path.display()
+        ));
+        skipped.push(Skipped {
+            path: path.display().to_string(),
+            reason: format!("invalid: {why}"),
+        });
+    }
+    let kept: Vec<&discovery::Found> = found
         .checkpoints
+        .iter()
+        .filter(|f| set.checkpoints().iter().any(|c| c.source() == &f.source))
+        .collect();
+    let names: Vec<String> = kept.iter().map(|f| f.name.clone()).collect();
+    let unnumbered: Vec<&str> = kept
         .iter()
         .filter(|f| f.number.is_none())
         .map(|f| f.name.as_str())
@@ -599,7 +629,6 @@ fn prepare(cfg: &MergeConfig, say: &dyn Fn(&str)) -> Result<Prepared> {
         cfg.checkpoints.display(),
         names.join(", ")
     ));
-    let set = CheckpointSet::open(found.checkpoints.iter().map(|f| f.source.clone()).collect())?;
 
     // 2. Model, outputs, and the correspondence of the model's weights with the checkpoints.
     let model_path = match &cfg.model {
@@ -703,15 +732,8 @@ fn prepare(cfg: &MergeConfig, say: &dyn Fn(&str)) -> Result<Prepared> {
         }
     }
     Ok(Prepared {
-        numbers: found.checkpoints.iter().map(|f| f.number).collect(),
-        skipped: found
-            .skipped
-            .iter()
-            .map(|(p, r)| Skipped {
-                path: p.display().to_string(),
-                reason: r.clone(),
-            })
-            .collect(),
+        numbers: kept.iter().map(|f| f.number).collect(),
+        skipped,
         names,
         set,
         model_path,

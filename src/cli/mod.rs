@@ -290,6 +290,12 @@ pub struct CommonArgs {
     #[arg(long, value_name = "PATH")]
     pub ort_lib: Option<PathBuf>,
 
+    /// Leave out checkpoints that cannot be read or disagree with the others (a training
+    /// job may still be writing the newest one), with a warning and a note in the report,
+    /// instead of failing.
+    #[arg(long)]
+    pub skip_invalid: bool,
+
     /// Check everything and print the plan (checkpoints in order, tensors, bytes to read,
     /// predicted peak memory) without scoring or writing anything.
     #[arg(long)]
@@ -357,6 +363,7 @@ impl CommonArgs {
             shard_size: self.shard_size,
             dry_run: self.dry_run,
             device: self.device,
+            skip_invalid: self.skip_invalid,
             fail_below: self.fail_below,
             require_gain: self.require_gain,
         }
@@ -392,8 +399,31 @@ impl CompareCli {
     }
 }
 
+/// On SIGINT, SIGTERM or SIGHUP: remove the files being written and exit with 128 + the
+/// signal number, so an interrupted run leaves every output path as it was.
+fn remove_pending_on_interrupt() {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGXFSZ};
+    // A file-size limit (`ulimit -f`) would kill the process with SIGXFSZ in the middle
+    // of a write; with a handler installed the write fails with EFBIG instead, and the
+    // usual error path removes the temporary file.
+    let _ = signal_hook::flag::register(
+        SIGXFSZ,
+        std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false)),
+    );
+    if let Ok(mut signals) = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP]) {
+        std::thread::spawn(move || {
+            if let Some(sig) = signals.forever().next() {
+                crate::storage::pending::remove_all();
+                eprintln!("interrupted (signal {sig}): nothing was written");
+                std::process::exit(128 + sig);
+            }
+        });
+    }
+}
+
 /// Parses the command line, runs, and maps the outcome to an exit code.
 pub fn main() -> ExitCode {
+    remove_pending_on_interrupt();
     let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();
     let config = if args.get(1).is_some_and(|a| a == "compare") {
         args.remove(1);

@@ -211,6 +211,7 @@ fn write_chart(path: &Path, size: (u32, u32), chart: &Chart<'_, '_>) -> Result<(
                 dir.display()
             ))
         })?;
+    let _pending = crate::storage::pending::track(tmp.path());
     let draw_err = |e: Box<dyn std::error::Error>| out_err(format!("cannot draw the chart: {e}"));
     match format {
         Format::Svg => {

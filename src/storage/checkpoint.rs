@@ -176,6 +176,31 @@ impl Checkpoint {
     }
 }
 
+/// The first key that occurs twice in a JSON object, if any.
+fn duplicate_key(json: &[u8]) -> Option<String> {
+    use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
+    struct Keys;
+    impl<'de> Visitor<'de> for Keys {
+        type Value = Option<String>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut seen = std::collections::HashSet::new();
+            let mut dup = None;
+            while let Some(k) = map.next_key::<String>()? {
+                map.next_value::<IgnoredAny>()?;
+                if dup.is_none() && !seen.insert(k.clone()) {
+                    dup = Some(k);
+                }
+            }
+            Ok(dup)
+        }
+    }
+    let mut de = serde_json::Deserializer::from_slice(json);
+    de.deserialize_map(Keys).ok().flatten()
+}
+
 #[derive(serde::Deserialize)]
 struct ShardIndex {
     weight_map: BTreeMap<String, String>,
@@ -187,8 +212,27 @@ type Header = (BTreeMap<String, TensorEntry>, HashMap<String, String>);
 fn read_header(path: &Path, shard: usize, shards: &mut Vec<MappedFile>) -> Result<Header> {
     let file = MappedFile::open(path)?;
     let bytes = file.bytes();
-    let (header_len, meta) = SafeTensors::read_metadata(bytes)
-        .map_err(|e| Error::checkpoint(path, format!("not a valid safetensors file: {e}")))?;
+    // A name given twice would silently keep one of the two tensors (or fail with a
+    // confusing offset error): look for it first, in a header of plausible length.
+    let header = bytes
+        .get(..8)
+        .map(|n| u64::from_le_bytes([n[0], n[1], n[2], n[3], n[4], n[5], n[6], n[7]]))
+        .filter(|&n| n <= 100_000_000)
+        .and_then(|n| bytes.get(8..8 + n as usize));
+    if let Some(name) = header.and_then(duplicate_key) {
+        return Err(Error::checkpoint(
+            path,
+            format!("tensor `{name}` is listed twice in the header"),
+        ));
+    }
+    let (header_len, meta) = SafeTensors::read_metadata(bytes).map_err(|e| {
+        let hint = if bytes.len() < 8 {
+            " (the file is shorter than a safetensors header: truncated or still being written?)"
+        } else {
+            ""
+        };
+        Error::checkpoint(path, format!("not a valid safetensors file: {e}{hint}"))
+    })?;
     let data_start = 8 + header_len;
     let mut tensors = BTreeMap::new();
     for (name, info) in meta.tensors() {

@@ -3,6 +3,7 @@
 pub mod checkpoint;
 pub mod dtype;
 pub mod mmap;
+pub mod pending;
 pub mod set;
 pub mod writer;
 

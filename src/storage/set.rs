@@ -38,8 +38,62 @@ impl CheckpointSet {
         Self::from_checkpoints(checkpoints)
     }
 
+    /// Like [`CheckpointSet::open`], but leaves out checkpoints that cannot be read or
+    /// that disagree with the first readable one, returning them with the reason (for
+    /// `--skip-invalid`: a training job may still be writing the newest checkpoint).
+    pub fn open_skipping_invalid(
+        sources: Vec<CheckpointSource>,
+    ) -> Result<(Self, Vec<(std::path::PathBuf, String)>)> {
+        let mut skipped = Vec::new();
+        let mut ok = Vec::new();
+        for s in sources {
+            match Checkpoint::open(s.clone()) {
+                Ok(c) => ok.push(c),
+                Err(e) => skipped.push((s.path().to_path_buf(), e.to_string())),
+            }
+        }
+        loop {
+            if ok.is_empty() {
+                return Err(Error::Discovery(format!(
+                    "no readable checkpoints ({} skipped as invalid)",
+                    skipped.len()
+                )));
+            }
+            let paths: Vec<std::path::PathBuf> =
+                ok.iter().map(|c| c.path().to_path_buf()).collect();
+            match Self::check(&ok) {
+                Ok(()) => return Ok((Self::from_checkpoints(ok)?, skipped)),
+                Err(Error::Checkpoint { path, message }) => {
+                    let at = paths.iter().position(|p| *p == path).unwrap_or(0);
+                    ok.remove(at);
+                    skipped.push((
+                        path.clone(),
+                        format!("checkpoint {}: {message}", path.display()),
+                    ));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn check(checkpoints: &[Checkpoint]) -> Result<()> {
+        Self::build(checkpoints).map(|_| ())
+    }
+
     /// Checks that `checkpoints` agree with the first one and builds the set.
     pub fn from_checkpoints(checkpoints: Vec<Checkpoint>) -> Result<Self> {
+        let (specs, entries) = Self::build(&checkpoints)?;
+        Ok(Self {
+            checkpoints,
+            specs,
+            entries,
+        })
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn build(
+        checkpoints: &[Checkpoint],
+    ) -> Result<(Vec<TensorSpec>, Vec<Vec<super::checkpoint::TensorEntry>>)> {
         let first = checkpoints
             .first()
             .ok_or_else(|| Error::Discovery("no checkpoints to merge".into()))?;
@@ -56,7 +110,7 @@ impl CheckpointSet {
             })
             .collect();
         let mut entries = Vec::with_capacity(checkpoints.len());
-        for ckpt in &checkpoints {
+        for ckpt in checkpoints {
             let mut row = Vec::with_capacity(specs.len());
             for spec in &specs {
                 let entry = ckpt.tensors().get(&spec.name).ok_or_else(|| {
@@ -110,11 +164,7 @@ impl CheckpointSet {
             }
             entries.push(row);
         }
-        Ok(Self {
-            checkpoints,
-            specs,
-            entries,
-        })
+        Ok((specs, entries))
     }
 
     /// Number of checkpoints.

@@ -140,9 +140,12 @@ pub fn write_sharded(
     }
     let (files, index) = shard_paths(path, groups.len());
     let mut written = Vec::new();
+    // Shards in place before the index are removed if the run is interrupted.
+    let mut guards = Vec::new();
     let mut weight_map = BTreeMap::new();
     let result = (|| -> Result<()> {
         for (group, file) in groups.iter().zip(&files) {
+            guards.push(super::pending::track(file));
             write_file(file, group, metadata)?;
             written.push(file.clone());
             let name = file
@@ -238,11 +241,17 @@ pub fn atomic_write(
                 dir.display()
             ))
         })?;
+    let _pending = super::pending::track(tmp.path());
     {
         let mut w = BufWriter::with_capacity(1 << 20, tmp.as_file());
-        write(&mut w)
-            .and_then(|_| w.flush())
-            .map_err(|e| out_err(format!("write failed: {e}")))?;
+        write(&mut w).and_then(|_| w.flush()).map_err(|e| {
+            let hint = match e.raw_os_error() {
+                // ENOSPC, EDQUOT, EFBIG
+                Some(28) | Some(122) | Some(27) => " (disk full, quota or file-size limit?)",
+                _ => "",
+            };
+            out_err(format!("write failed: {e}{hint}; nothing was written"))
+        })?;
     }
     #[cfg(unix)]
     {
@@ -254,6 +263,14 @@ pub fn atomic_write(
     tmp.as_file()
         .sync_all()
         .map_err(|e| out_err(format!("sync failed: {e}")))?;
+    // Fault injection for the interruption tests: hold the finished temporary file
+    // before the rename.
+    if let Some(ms) = std::env::var("ASWA_MERGE_TEST_WRITE_DELAY_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+    }
     tmp.persist(path).map_err(|e| {
         out_err(format!(
             "cannot move the finished file into place: {}",

@@ -1,0 +1,399 @@
+//! Hostile and broken inputs: every case gives a clear message naming the file, exit
+//! code 2, no output file and no temporary file, and leaves the inputs unchanged.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::*;
+use predicates::prelude::*;
+use predicates::str::contains;
+
+/// Digits checkpoints 1..=n, the model and val.npz in a scratch directory.
+struct Case {
+    dir: tempfile::TempDir,
+}
+
+impl Case {
+    fn new(n: usize) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let ck = dir.path().join("checkpoints");
+        std::fs::create_dir_all(&ck).unwrap();
+        for e in 1..=n {
+            let name = format!("epoch_{e}.safetensors");
+            std::fs::copy(fixture("digits/checkpoints").join(&name), ck.join(&name)).unwrap();
+        }
+        for f in ["model.onnx", "model.onnx.data", "val.npz"] {
+            std::fs::copy(fixture("digits").join(f), dir.path().join(f)).unwrap();
+        }
+        Self { dir }
+    }
+    fn ck(&self) -> PathBuf {
+        self.dir.path().join("checkpoints")
+    }
+    fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+    fn out(&self) -> PathBuf {
+        self.path("out.safetensors")
+    }
+    fn snapshot(&self) -> Vec<(PathBuf, Vec<u8>)> {
+        let mut files: Vec<(PathBuf, Vec<u8>)> = walk(self.dir.path())
+            .into_iter()
+            .filter(|p| p != &self.out())
+            .map(|p| {
+                let b = std::fs::read(&p).unwrap();
+                (p, b)
+            })
+            .collect();
+        files.sort();
+        files
+    }
+    fn command(&self, args: &[&str]) -> assert_cmd::Command {
+        let mut c = cmd();
+        c.arg(self.ck()).arg("-o").arg(self.out()).args(args);
+        if !args.contains(&"--val") {
+            c.arg("--val").arg(self.path("val.npz"));
+        }
+        c
+    }
+    /// Exit 2, every needle in stderr, no output, no temporary file, inputs untouched.
+    fn fails(&self, args: &[&str], needles: &[&str]) {
+        let before = self.snapshot();
+        let mut a = self.command(args).assert().code(2);
+        for n in needles {
+            a = a.stderr(contains(*n));
+        }
+        assert!(!self.out().exists(), "an output was written");
+        let after = self.snapshot();
+        assert!(before == after, "inputs changed or files were left behind");
+    }
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// A safetensors file with `header` as its JSON header and `data` after it.
+fn raw(path: &Path, header: &str, data: &[u8]) {
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(header.as_bytes());
+    bytes.extend_from_slice(data);
+    std::fs::write(path, bytes).unwrap();
+}
+
+#[test]
+fn a_truncated_checkpoint() {
+    let case = Case::new(3);
+    let p = case.ck().join("epoch_3.safetensors");
+    let bytes = std::fs::read(&p).unwrap();
+    std::fs::write(&p, &bytes[..bytes.len() / 2]).unwrap();
+    case.fails(
+        &[],
+        &["epoch_3.safetensors", "not a valid safetensors file"],
+    );
+    std::fs::write(&p, &bytes[..5]).unwrap();
+    case.fails(
+        &[],
+        &["epoch_3.safetensors", "truncated or still being written"],
+    );
+    std::fs::write(&p, b"").unwrap();
+    case.fails(
+        &[],
+        &["epoch_3.safetensors", "truncated or still being written"],
+    );
+}
+
+#[test]
+fn garbage_and_oversized_headers() {
+    let case = Case::new(2);
+    let p = case.ck().join("epoch_2.safetensors");
+    std::fs::write(&p, b"this is not a safetensors file at all").unwrap();
+    case.fails(
+        &[],
+        &["epoch_2.safetensors", "not a valid safetensors file"],
+    );
+    let mut huge = (1u64 << 40).to_le_bytes().to_vec();
+    huge.extend_from_slice(b"{}");
+    std::fs::write(&p, huge).unwrap();
+    case.fails(&[], &["epoch_2.safetensors", "header too large"]);
+    raw(&p, "{\"w\": [1, 2", &[]);
+    case.fails(&[], &["epoch_2.safetensors", "invalid JSON"]);
+}
+
+#[test]
+fn bad_offsets_lengths_and_duplicate_names() {
+    let case = Case::new(2);
+    let p = case.ck().join("epoch_2.safetensors");
+    // Overlapping offsets.
+    raw(
+        &p,
+        r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}"#,
+        &[0u8; 12],
+    );
+    case.fails(&[], &["epoch_2.safetensors", "invalid offset"]);
+    // Beyond the end of the file.
+    raw(
+        &p,
+        r#"{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}"#,
+        &[0u8; 8],
+    );
+    case.fails(
+        &[],
+        &["epoch_2.safetensors", "not a valid safetensors file"],
+    );
+    // Byte length that disagrees with shape × dtype.
+    raw(
+        &p,
+        r#"{"a":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}"#,
+        &[0u8; 8],
+    );
+    case.fails(
+        &[],
+        &["epoch_2.safetensors", "invalid shape, data type, or offset"],
+    );
+    // A name given twice.
+    raw(
+        &p,
+        r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"a":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}"#,
+        &[0u8; 8],
+    );
+    case.fails(&[], &["epoch_2.safetensors", "tensor `a` is listed twice"]);
+}
+
+#[test]
+fn sharded_checkpoints_with_a_missing_shard_or_a_broken_index() {
+    let case = Case::new(0);
+    let folder = case.ck().join("checkpoint-100");
+    std::fs::create_dir_all(&folder).unwrap();
+    std::fs::copy(
+        fixture("digits/checkpoints/epoch_1.safetensors"),
+        folder.join("model-00001-of-00002.safetensors"),
+    )
+    .unwrap();
+    let index = folder.join("model.safetensors.index.json");
+    std::fs::write(
+        &index,
+        r#"{"metadata":{},"weight_map":{"fc1.weight":"model-00001-of-00002.safetensors","fc2.weight":"model-00002-of-00002.safetensors"}}"#,
+    )
+    .unwrap();
+    case.fails(
+        &[],
+        &[
+            "checkpoint-100",
+            "shard `model-00002-of-00002.safetensors` listed in the index is missing",
+        ],
+    );
+    std::fs::write(&index, "{ not json").unwrap();
+    case.fails(
+        &[],
+        &["model.safetensors.index.json", "invalid shard index"],
+    );
+}
+
+#[test]
+fn skip_invalid_leaves_out_a_checkpoint_still_being_written() {
+    let case = Case::new(4);
+    let p = case.ck().join("epoch_4.safetensors");
+    let bytes = std::fs::read(&p).unwrap();
+    std::fs::write(&p, &bytes[..1000]).unwrap();
+    let report = case.path("r.json");
+    case.command(&["--skip-invalid", "--report", report.to_str().unwrap()])
+        .assert()
+        .success()
+        .stderr(contains("--skip-invalid: leaving out").and(contains("epoch_4.safetensors")));
+    let r = read_json(&report);
+    assert_eq!(r["checkpoints"].as_array().unwrap().len(), 3);
+    let skipped = r["skipped"].as_array().unwrap();
+    assert!(skipped.iter().any(
+        |s| s["path"].as_str().unwrap().ends_with("epoch_4.safetensors")
+            && s["reason"].as_str().unwrap().starts_with("invalid")
+    ));
+    // Inconsistent shapes are left out too, relative to the first readable checkpoint.
+    std::fs::copy(
+        fixture("exports/cnn_checkpoints/epoch_1.safetensors"),
+        case.ck().join("epoch_9.safetensors"),
+    )
+    .unwrap();
+    case.command(&["--skip-invalid"])
+        .assert()
+        .success()
+        .stderr(contains("epoch_9.safetensors"));
+}
+
+#[test]
+fn infinite_weights_are_scored_and_never_accepted() {
+    let case = Case::new(3);
+    let p = case.ck().join("epoch_3.safetensors");
+    let (mut t, _) = read_st(&p);
+    let w = t.get_mut("fc2.bias").unwrap();
+    w.data = w
+        .data
+        .chunks_exact(4)
+        .flat_map(|_| f32::INFINITY.to_le_bytes())
+        .collect();
+    write_st(&p, &t);
+    let report = case.path("r.json");
+    case.command(&["--report", report.to_str().unwrap()])
+        .assert()
+        .success();
+    let r = read_json(&report);
+    assert_eq!(r["steps"][2]["decision"], "reject");
+    assert!(r["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|m| !m.as_str().unwrap().ends_with("epoch_3.safetensors")));
+}
+
+#[test]
+fn validation_sets_that_do_not_fit() {
+    let case = Case::new(2);
+    let npz = |name: &str,
+               arrays: &[(&str, ndarray::ArrayD<f32>)],
+               labels: Option<ndarray::ArrayD<i64>>|
+     -> PathBuf {
+        let p = case.path(name);
+        let mut w = ndarray_npy::NpzWriter::new(std::fs::File::create(&p).unwrap());
+        for (n, a) in arrays {
+            w.add_array(*n, a).unwrap();
+        }
+        if let Some(y) = labels {
+            w.add_array("y", &y).unwrap();
+        }
+        w.finish().unwrap();
+        p
+    };
+    let x = |rows: usize, cols: usize| ndarray::ArrayD::<f32>::zeros(ndarray::IxDyn(&[rows, cols]));
+    let y = |vals: Vec<i64>| {
+        ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&[vals.len()]), vals).unwrap()
+    };
+    let s = |p: PathBuf| p.display().to_string();
+
+    let p = s(npz("rows.npz", &[("x", x(3, 64))], Some(y(vec![0, 1]))));
+    case.fails(
+        &["--val", &p],
+        &["rows.npz", "labels `y` have 2 rows but the inputs have 3"],
+    );
+    let p = s(npz("zero.npz", &[("x", x(0, 64))], Some(y(vec![]))));
+    case.fails(&["--val", &p], &["zero.npz", "zero rows"]);
+    let p = s(npz("wide.npz", &[("x", x(4, 63))], Some(y(vec![0; 4]))));
+    case.fails(
+        &["--val", &p],
+        &[
+            "wide.npz",
+            "array `x` has shape [4, 63] but model input `x` expects [?, 64]",
+        ],
+    );
+    let p = s(npz(
+        "range.npz",
+        &[("x", x(4, 64))],
+        Some(y(vec![0, 1, 10, 2])),
+    ));
+    case.fails(
+        &["--val", &p],
+        &["label 10 of row 2 is outside the model's 10 outputs"],
+    );
+    let p = s(npz("nolabels.npz", &[("x", x(4, 64))], None));
+    case.fails(&["--val", &p], &["nolabels.npz", "no labels array `y`"]);
+    std::fs::write(case.path("text.npz"), "x,y\n1,2\n").unwrap();
+    case.fails(
+        &["--val", case.path("text.npz").to_str().unwrap()],
+        &["text.npz", "not a numpy .npz archive"],
+    );
+}
+
+#[test]
+fn an_output_in_a_directory_that_cannot_exist() {
+    let case = Case::new(2);
+    let out = case.path("val.npz/out.safetensors");
+    cmd()
+        .arg(case.ck())
+        .arg("--val")
+        .arg(case.path("val.npz"))
+        .arg("-o")
+        .arg(&out)
+        .assert()
+        .code(2)
+        .stderr(contains("does not exist"));
+}
+
+#[test]
+fn a_full_disk_leaves_no_partial_output() {
+    // A file-size limit of 8 KiB (the output is 21 KB): the write fails with EFBIG.
+    let case = Case::new(3);
+    let before = case.snapshot();
+    let bin = assert_cmd::cargo::cargo_bin("aswa-merge");
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "ulimit -f 16 && exec '{}' '{}' --val '{}' -o '{}'",
+            bin.display(),
+            case.ck().display(),
+            case.path("val.npz").display(),
+            case.out().display()
+        ))
+        .env("ORT_DYLIB_PATH", ort_lib())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("write failed") && stderr.contains("file-size limit"),
+        "{stderr}"
+    );
+    assert!(!case.out().exists());
+    assert!(
+        before == case.snapshot(),
+        "a temporary file was left behind"
+    );
+}
+
+#[test]
+fn an_interrupted_write_leaves_the_previous_output_and_no_temporary_file() {
+    let case = Case::new(3);
+    std::fs::write(case.out(), b"previous result").unwrap();
+    for signal in ["INT", "TERM"] {
+        let bin = assert_cmd::cargo::cargo_bin("aswa-merge");
+        let mut child = std::process::Command::new(bin)
+            .arg(case.ck())
+            .arg("--val")
+            .arg(case.path("val.npz"))
+            .arg("-o")
+            .arg(case.out())
+            .arg("-q")
+            .env("ORT_DYLIB_PATH", ort_lib())
+            .env("ASWA_MERGE_TEST_WRITE_DELAY_MS", "20000")
+            .spawn()
+            .unwrap();
+        // Wait until the finished temporary file is waiting to be renamed.
+        let tmp_exists = || {
+            walk(case.dir.path())
+                .iter()
+                .any(|p| p.to_string_lossy().ends_with(".tmp"))
+        };
+        let start = std::time::Instant::now();
+        while !tmp_exists() {
+            assert!(start.elapsed().as_secs() < 30, "no temporary file appeared");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        std::process::Command::new("kill")
+            .args([format!("-{signal}"), child.id().to_string()])
+            .status()
+            .unwrap();
+        let status = child.wait().unwrap();
+        let expected = if signal == "INT" { 130 } else { 143 };
+        assert_eq!(status.code(), Some(expected), "{signal}");
+        assert_eq!(std::fs::read(case.out()).unwrap(), b"previous result");
+        assert!(!tmp_exists(), "{signal}: temporary file left behind");
+    }
+}
