@@ -208,6 +208,7 @@ pub fn run(cfg: &MergeConfig) -> Result<RunOutcome> {
         evaluations: 0,
         onnxruntime: rt.library.display().to_string(),
         execution_provider: scorer.provider().to_string(),
+        nan_scores: Vec::new(),
         skipped: p.skipped.clone(),
     };
     let format = set.checkpoints()[0].metadata().get("format").cloned();
@@ -335,6 +336,20 @@ pub fn run(cfg: &MergeConfig) -> Result<RunOutcome> {
         }
     }
     report.evaluations = cache.evaluations();
+    let diverged: Vec<String> = (0..set.len())
+        .filter(|&i| {
+            cache
+                .get(&CandidateKey::mean(&[i]))
+                .is_some_and(f64::is_nan)
+        })
+        .map(path_of)
+        .collect();
+    for d in &diverged {
+        say(&format!(
+            "warning: {d} scores NaN (its outputs are not finite: diverged weights?); it was never accepted"
+        ));
+    }
+    report.nan_scores = diverged;
     drop(cache);
     report.gate = gate(cfg, p.direction, merged.score, baseline);
 

@@ -506,6 +506,10 @@ fn a_diverged_checkpoint_is_scored_reported_and_rejected() {
         .success()
         .stderr(contains("NaN"));
     let r = read_json(&report);
+    assert!(r["nan_scores"][0]
+        .as_str()
+        .unwrap()
+        .ends_with("epoch_15.safetensors"));
     let last = &r["steps"][3];
     assert_eq!(last["decision"], "reject");
     assert!(

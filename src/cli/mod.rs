@@ -421,9 +421,26 @@ fn remove_pending_on_interrupt() {
     }
 }
 
+/// A checkpoint truncated by another process while it is memory-mapped makes the next
+/// read of the missing pages raise SIGBUS. Instead of dying with "Bus error", say what
+/// happened and exit with the bad-input code. (Only async-signal-safe calls here.)
+fn explain_sigbus() {
+    const MSG: &[u8] =
+        b"error: a checkpoint file was truncated or rewritten in place while it was being read \
+(SIGBUS); rerun when it is complete. The output path was not written.\n";
+    // SAFETY: the handler only calls write(2) and _exit(2), both async-signal-safe.
+    let _ = unsafe {
+        signal_hook::low_level::register(signal_hook::consts::SIGBUS, || {
+            libc::write(2, MSG.as_ptr().cast(), MSG.len());
+            signal_hook::low_level::exit(i32::from(EXIT_BAD_INPUT));
+        })
+    };
+}
+
 /// Parses the command line, runs, and maps the outcome to an exit code.
 pub fn main() -> ExitCode {
     remove_pending_on_interrupt();
+    explain_sigbus();
     let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();
     let config = if args.get(1).is_some_and(|a| a == "compare") {
         args.remove(1);

@@ -51,6 +51,8 @@ pub struct Report {
     pub onnxruntime: String,
     /// The execution provider the model ran on.
     pub execution_provider: String,
+    /// Checkpoints whose validation score is NaN (non-finite outputs: diverged training).
+    pub nan_scores: Vec<String>,
     /// Paths that looked like checkpoints but were left out, with the reason.
     pub skipped: Vec<Skipped>,
 }

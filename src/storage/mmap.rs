@@ -89,3 +89,33 @@ impl MappedFile {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_file_changed_after_mapping_is_detected() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f.bin");
+        std::fs::write(&p, [1u8; 64]).unwrap();
+        let m = MappedFile::open(&p).unwrap();
+        assert!(m.check_unchanged().is_ok());
+        // Rewritten in place with another length (a replacement by rename keeps our
+        // mapping of the old file but changes what the path points to: also detected).
+        std::fs::write(&p, [2u8; 32]).unwrap();
+        let err = m.check_unchanged().unwrap_err().to_string();
+        assert!(err.contains("changed while it was being read"), "{err}");
+    }
+
+    #[test]
+    fn hashes_are_sha256() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("abc");
+        std::fs::write(&p, b"abc").unwrap();
+        assert_eq!(
+            MappedFile::open(&p).unwrap().sha256(),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+}
