@@ -1,10 +1,12 @@
 //! One run of the tool, start to finish: parse and validate everything first, then
 //! score, then write.
 //!
-//! Order matters for users: every input is read and checked (checkpoints agree, the
-//! model's initializers match them, the validation and test data fit the model, no
-//! output overwrites an input) before the first candidate is scored, so a mistake
-//! costs seconds, not a scoring run. Nothing is written until the results are known.
+//! Order matters for users: every input and parameter is read and checked (checkpoints
+//! agree, the model's initializers match them, the validation and test data fit the
+//! model, the strategies' parameters are valid, no output overwrites an input) before
+//! the first candidate is scored, so a mistake costs seconds, not a scoring run. The
+//! main command writes once its result is known; `compare -o DIR` writes each
+//! strategy's result as soon as it is known, to keep only one model in memory.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -377,12 +379,7 @@ pub fn run(cfg: &MergeConfig) -> Result<RunOutcome> {
     }
     if cfg.compare {
         report.winner = Some(results[chosen].strategy.clone());
-        report.strategies = Some(
-            results
-                .iter()
-                .map(|r| (r.strategy.clone(), r.clone()))
-                .collect(),
-        );
+        report.strategies = Some(results.clone());
     } else {
         report.result = Some(results[chosen].clone());
     }
@@ -422,14 +419,15 @@ pub fn run(cfg: &MergeConfig) -> Result<RunOutcome> {
             _ => String::new(),
         };
         say(&format!(
-            "result ({}): {} member{} ({}), validation {} {}{test}; {} candidates scored",
+            "result ({}): {} member{} ({}), validation {} {}{test}; {} candidate{} scored",
             r.strategy,
             member_names.len(),
             if member_names.len() == 1 { "" } else { "s" },
             member_names.join(", "),
             p.metric.name(),
             reporting::format_score(r.val_score),
-            evaluations
+            evaluations,
+            if evaluations == 1 { "" } else { "s" }
         ));
     }
     for path in &written {
@@ -511,10 +509,11 @@ pub fn plan(cfg: &MergeConfig) -> Result<Plan> {
     let validation_bytes = data_bytes(&p.val) + p.test.as_ref().map_or(0, |(d, _)| data_bytes(d));
     // ASWA: an f64 sum, the ensemble and the look-ahead; the others: their result.
     let per_strategy = |name: &str| -> u64 {
-        if name == "aswa" {
-            8 * float_params as u64 + 2 * float_bytes
-        } else {
-            float_bytes
+        match name {
+            "aswa" => 8 * float_params as u64 + 2 * float_bytes,
+            // The soup and the trial with one more member.
+            "greedy-soup" => 2 * float_bytes,
+            _ => float_bytes,
         }
     };
     // compare also keeps the best result so far while the next one runs.
@@ -547,8 +546,8 @@ pub fn plan(cfg: &MergeConfig) -> Result<Plan> {
         metric: p.metric.name(),
     };
     say(&format!(
-        "plan: {} strategy {} over {} checkpoints; {} tensors ({} float parameters), {} per model",
-        if cfg.compare { "compare:" } else { "" },
+        "plan: {}strategy {} over {} checkpoints; {} tensors ({} float parameters), {} per model",
+        if cfg.compare { "compare: " } else { "" },
         plan.strategies.join(","),
         plan.checkpoints.len(),
         plan.tensors,
@@ -732,8 +731,17 @@ fn prepare(cfg: &MergeConfig, say: &dyn Fn(&str)) -> Result<Prepared> {
             .higher_is_better
             .unwrap_or_else(|| metric.higher_is_better()),
     };
-    for name in &cfg.strategies {
-        strategies::by_name(name, &cfg.params)?;
+    let numbers: Vec<Option<u64>> = kept.iter().map(|f| f.number).collect();
+    let baseline = cfg.require_gain.map(|b| b.strategy().to_string());
+    for name in cfg.strategies.iter().chain(baseline.iter()) {
+        strategies::by_name(name, &cfg.params)?.validate(set.len(), &numbers)?;
+    }
+    if let Some(t) = cfg.fail_below {
+        if !t.is_finite() {
+            return Err(Error::Usage(format!(
+                "--fail-below {t}: must be a finite score"
+            )));
+        }
     }
     if let Some(path) = &cfg.plot {
         let ext = path
@@ -747,7 +755,7 @@ fn prepare(cfg: &MergeConfig, say: &dyn Fn(&str)) -> Result<Prepared> {
         }
     }
     Ok(Prepared {
-        numbers: kept.iter().map(|f| f.number).collect(),
+        numbers,
         skipped,
         names,
         set,
@@ -916,6 +924,11 @@ fn check_outputs(cfg: &MergeConfig, set: &CheckpointSet, model: &Path) -> Result
         if let Some(p) = p {
             outputs.push((what, p.clone()));
         }
+    }
+    if let Some(p) = &cfg.export_onnx {
+        let mut data = p.clone().into_os_string();
+        data.push(".data");
+        outputs.push(("exported model's data", PathBuf::from(data)));
     }
     let mut seen: Vec<(PathBuf, &str)> = Vec::new();
     for (what, out) in &outputs {

@@ -326,3 +326,21 @@ fn cuda_requested_without_a_usable_provider_is_an_error_not_a_cpu_run() {
         &["expected cpu, cuda, cuda:N or auto"],
     );
 }
+
+#[test]
+fn strategy_parameters_are_checked_before_scoring() {
+    let case = Case::digits(&[1, 2, 3]);
+    case.fails(
+        &["--strategy", "swa", "--swa-start-at", "42"],
+        &["no checkpoint has the number 42"],
+    );
+    case.fails(
+        &["--strategy", "ema", "--ema-decay", "1.5"],
+        &["--ema-decay 1.5: must be in [0, 1)"],
+    );
+    case.fails(
+        &["--require-gain", "swa", "--swa-start", "2"],
+        &["--swa-start 2: must be a fraction"],
+    );
+    case.fails(&["--fail-below", "NaN"], &["must be a finite score"]);
+}

@@ -60,6 +60,7 @@ pub struct Cli {
 #[derive(Debug, Parser)]
 #[command(
     name = "aswa-merge compare",
+    bin_name = "aswa-merge compare",
     version,
     about,
     long_about,
@@ -80,13 +81,10 @@ pub struct RunArgs {
     /// Where to write the merged weights (safetensors, written atomically).
     ///
     /// Refuses to overwrite any input. Example: -o merged.safetensors
-    #[arg(
-        short = 'o',
-        long = "output",
-        value_name = "OUT.safetensors",
-        default_value = "aswa.safetensors"
-    )]
-    pub output: PathBuf,
+    ///
+    /// Default: <STRATEGY>.safetensors in the current directory (aswa.safetensors).
+    #[arg(short = 'o', long = "output", value_name = "OUT.safetensors")]
+    pub output: Option<PathBuf>,
 
     /// Averaging strategy: aswa, swa, uniform, ema, top-k, greedy-soup, best, last.
     ///
@@ -375,7 +373,12 @@ impl Cli {
     pub fn config(&self) -> MergeConfig {
         self.run.common.config(
             vec![self.run.strategy.clone()],
-            Destination::File(self.run.output.clone()),
+            Destination::File(
+                self.run
+                    .output
+                    .clone()
+                    .unwrap_or_else(|| PathBuf::from(format!("{}.safetensors", self.run.strategy))),
+            ),
             false,
         )
     }
@@ -414,7 +417,7 @@ fn remove_pending_on_interrupt() {
         std::thread::spawn(move || {
             if let Some(sig) = signals.forever().next() {
                 crate::storage::pending::remove_all();
-                eprintln!("interrupted (signal {sig}): nothing was written");
+                eprintln!("interrupted (signal {sig}): the files being written were removed");
                 std::process::exit(128 + sig);
             }
         });

@@ -31,8 +31,12 @@ pub struct Report {
     pub inputs: Vec<InputFile>,
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
     pub result: Option<StrategyReport>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub strategies: Option<BTreeMap<String, StrategyReport>>,
+    /// `compare`: every strategy's result, keyed by name, in the order they ran.
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "in_run_order"
+    )]
+    pub strategies: Option<Vec<StrategyReport>>,
     /// `compare`: the strategy with the best validation score.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub winner: Option<String>,
@@ -55,6 +59,20 @@ pub struct Report {
     pub nan_scores: Vec<String>,
     /// Paths that looked like checkpoints but were left out, with the reason.
     pub skipped: Vec<Skipped>,
+}
+
+/// Serialises results as a JSON object keyed by strategy name, keeping their order.
+fn in_run_order<S: serde::Serializer>(
+    results: &Option<Vec<StrategyReport>>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeMap;
+    let results = results.as_deref().unwrap_or_default();
+    let mut map = serializer.serialize_map(Some(results.len()))?;
+    for r in results {
+        map.serialize_entry(&r.strategy, r)?;
+    }
+    map.end()
 }
 
 /// One strategy's result.

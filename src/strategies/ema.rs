@@ -20,13 +20,19 @@ impl Strategy for Ema {
         [("ema_decay".to_string(), self.0.ema_decay.to_string())].into()
     }
 
-    fn run(&self, ctx: &mut Context<'_, '_>) -> Result<Outcome> {
+    fn validate(&self, _n: usize, _numbers: &[Option<u64>]) -> Result<()> {
         let decay = self.0.ema_decay;
         if !(0.0..1.0).contains(&decay) {
             return Err(Error::Usage(format!(
                 "--ema-decay {decay}: must be in [0, 1)"
             )));
         }
+        Ok(())
+    }
+
+    fn run(&self, ctx: &mut Context<'_, '_>) -> Result<Outcome> {
+        self.validate(ctx.set.len(), ctx.numbers)?;
+        let decay = self.0.ema_decay;
         let set = ctx.set;
         let members: Vec<usize> = (0..set.len()).collect();
         if members.len() == 1 {

@@ -157,6 +157,11 @@ pub trait Strategy {
     fn name(&self) -> &'static str;
     /// The parameters that shaped the result, for reports and metadata.
     fn params(&self) -> BTreeMap<String, String>;
+    /// Checks the parameters against `n` checkpoints with ordering `numbers`, before
+    /// anything is scored.
+    fn validate(&self, _n: usize, _numbers: &[Option<u64>]) -> Result<()> {
+        Ok(())
+    }
     /// Runs over the checkpoints of `ctx.set` in order.
     fn run(&self, ctx: &mut Context<'_, '_>) -> Result<Outcome>;
 }

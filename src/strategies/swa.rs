@@ -52,6 +52,10 @@ impl Strategy for Swa {
         m
     }
 
+    fn validate(&self, n: usize, numbers: &[Option<u64>]) -> Result<()> {
+        self.members(n, numbers).map(|_| ())
+    }
+
     fn run(&self, ctx: &mut Context<'_, '_>) -> Result<Outcome> {
         let members = self.members(ctx.set.len(), ctx.numbers)?;
         Ok(Outcome {
