@@ -65,68 +65,42 @@ impl std::str::FromStr for Device {
     }
 }
 
-/// Scores candidates on a validation set with a metric.
-pub struct OnnxScorer {
+/// One ONNX Runtime session over a rewritten model, and the machinery to feed it a
+/// candidate's weights and batches of data.
+pub(crate) struct Feeder {
     /// The execution provider the session was built with.
     provider: &'static str,
     /// Why `--device auto` fell back to the CPU, if it did.
     device_note: Option<String>,
     session: Session,
     binding: Binding,
-    /// Data sets to score on: the validation set first, then any added with
-    /// [`OnnxScorer::add_dataset`] (a test set).
-    datasets: Vec<(ValidationSet, Option<Filter>)>,
-    metric: Metric,
-    output: String,
     batch: usize,
     /// `Some(n)` when the model's batch dimension is fixed to `n` (partial batches padded).
     fixed_batch: Option<usize>,
     scratch: Vec<Scratch>,
 }
 
-/// Per-tensor conversion buffer, reused across candidates.
-#[derive(Default)]
-struct Scratch {
-    f32: Vec<f32>,
-    f16: Vec<f16>,
-    bf16: Vec<bf16>,
-    f64: Vec<f64>,
-    raw: Vec<u64>,
+/// What a [`Feeder`] hands to its caller for each batch.
+pub(crate) struct BatchOutputs<'o, 's> {
+    pub outputs: &'o ort::session::SessionOutputs<'s>,
+    /// First row of the batch in the data set.
+    pub start: usize,
+    /// Rows of real data in the batch.
+    pub rows: usize,
+    /// `Some(n)`: the batch was padded to `n` rows (a fixed batch dimension).
+    pub padded: Option<usize>,
 }
 
-impl OnnxScorer {
-    /// Rewrites `model` according to `binding` and builds the session.
-    pub fn new(
+impl Feeder {
+    /// Builds a session for the model `bytes` (already rewritten for `binding`) on the
+    /// device `options` asks for.
+    pub(crate) fn new(
         runtime: &Runtime,
         model: &OnnxModel,
+        bytes: &[u8],
         binding: Binding,
-        data: ValidationSet,
-        metric: Metric,
-        filter: Option<Filter>,
         options: &SessionOptions,
     ) -> Result<Self> {
-        let outputs = model.outputs();
-        let output = match (metric.output_name(), &options.output) {
-            (Some(n), _) => n.to_string(),
-            (None, Some(n)) => n.clone(),
-            (None, None) => outputs
-                .first()
-                .map(|o| o.name.clone())
-                .ok_or_else(|| Error::model(model.path(), "the model has no outputs"))?,
-        };
-        if !outputs.iter().any(|o| o.name == output) {
-            return Err(Error::model(
-                model.path(),
-                format!(
-                    "the model has no output `{output}` (its outputs: {})",
-                    outputs
-                        .iter()
-                        .map(|o| format!("`{}`", o.name))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
-            ));
-        }
         let fixed_batch = model
             .data_inputs()
             .iter()
@@ -134,7 +108,6 @@ impl OnnxScorer {
             .next()
             .map(|n| n as usize);
         let batch = fixed_batch.unwrap_or(options.batch_size.max(1));
-        let bytes = onnx::rewrite(model, &binding)?;
         let rt_err = |e: ort::Error<ort::session::builder::SessionBuilder>| {
             Error::Runtime(format!(
                 "cannot build a session for {}: {e}",
@@ -188,7 +161,7 @@ impl OnnxScorer {
                 }
             }
         };
-        let session = builder.commit_from_memory(&bytes).map_err(|e| {
+        let session = builder.commit_from_memory(bytes).map_err(|e| {
             Error::model(
                 model.path(),
                 format!("ONNX Runtime cannot load the model: {e}"),
@@ -200,61 +173,34 @@ impl OnnxScorer {
             device_note: note,
             session,
             binding,
-            datasets: vec![(data, filter)],
-            metric,
-            output,
             batch,
             fixed_batch,
             scratch,
         })
     }
 
-    /// The execution provider the session runs on (`CPUExecutionProvider`, `CUDAExecutionProvider`).
-    pub fn provider(&self) -> &'static str {
-        self.provider
-    }
-
-    /// Why `--device auto` chose the CPU, when CUDA was not usable.
-    pub fn device_note(&self) -> Option<&str> {
-        self.device_note.as_deref()
-    }
-
-    /// Rows per batch actually used.
-    pub fn batch_size(&self) -> usize {
+    /// Rows per batch.
+    pub(crate) fn batch_size(&self) -> usize {
         self.batch
     }
 
-    /// The graph output the metric reads.
-    pub fn output_name(&self) -> &str {
-        &self.output
-    }
-
-    /// Adds another data set (same model inputs); returns its index for [`Self::score_on`].
-    pub fn add_dataset(&mut self, data: ValidationSet, filter: Option<Filter>) -> usize {
-        self.datasets.push((data, filter));
-        self.datasets.len() - 1
-    }
-
-    /// Scores `candidate` on data set `which` (0 is the validation set).
-    fn score_dataset(
+    /// Runs the model with `candidate`'s weights over `data` in batches, in row order,
+    /// calling `each` with every batch's outputs.
+    pub(crate) fn run(
         &mut self,
         set: &CheckpointSet,
         candidate: Candidate<'_>,
-        which: usize,
-    ) -> Result<f64> {
+        data: &ValidationSet,
+        each: &mut dyn FnMut(BatchOutputs<'_, '_>) -> Result<()>,
+    ) -> Result<()> {
         let Self {
             session,
             binding,
-            datasets,
-            metric,
-            output,
             batch,
             fixed_batch,
             scratch,
             ..
         } = self;
-        let (data, filter) = &datasets[which];
-
         let specs = set.specs();
         // Pass 1: convert what cannot be fed as it is.
         let mut sources = Vec::with_capacity(binding.bound.len());
@@ -273,8 +219,6 @@ impl OnnxScorer {
                 view(b.elem, shape, bytes, s, source)?,
             ));
         }
-
-        let mut acc = Accumulator::new(metric, data.labels.as_ref(), filter.as_ref());
         let mut start = 0;
         while start < data.rows {
             let end = (start + *batch).min(data.rows);
@@ -292,11 +236,129 @@ impl OnnxScorer {
                 inputs.push((name.clone(), reborrow(v)));
             }
             let outputs = session.run(inputs)?;
-            let value = outputs.get(output.as_str()).ok_or_else(|| {
+            each(BatchOutputs {
+                outputs: &outputs,
+                start,
+                rows,
+                padded: pad,
+            })?;
+            start = end;
+        }
+        Ok(())
+    }
+}
+
+/// Scores candidates on a validation set with a metric.
+pub struct OnnxScorer {
+    feeder: Feeder,
+    /// Data sets to score on: the validation set first, then any added with
+    /// [`OnnxScorer::add_dataset`] (a test set).
+    datasets: Vec<(ValidationSet, Option<Filter>)>,
+    metric: Metric,
+    output: String,
+}
+
+/// Per-tensor conversion buffer, reused across candidates.
+#[derive(Default)]
+struct Scratch {
+    f32: Vec<f32>,
+    f16: Vec<f16>,
+    bf16: Vec<bf16>,
+    f64: Vec<f64>,
+    raw: Vec<u64>,
+}
+
+impl OnnxScorer {
+    /// Rewrites `model` according to `binding` and builds the session.
+    pub fn new(
+        runtime: &Runtime,
+        model: &OnnxModel,
+        binding: Binding,
+        data: ValidationSet,
+        metric: Metric,
+        filter: Option<Filter>,
+        options: &SessionOptions,
+    ) -> Result<Self> {
+        let outputs = model.outputs();
+        let output = match (metric.output_name(), &options.output) {
+            (Some(n), _) => n.to_string(),
+            (None, Some(n)) => n.clone(),
+            (None, None) => outputs
+                .first()
+                .map(|o| o.name.clone())
+                .ok_or_else(|| Error::model(model.path(), "the model has no outputs"))?,
+        };
+        if !outputs.iter().any(|o| o.name == output) {
+            return Err(Error::model(
+                model.path(),
+                format!(
+                    "the model has no output `{output}` (its outputs: {})",
+                    outputs
+                        .iter()
+                        .map(|o| format!("`{}`", o.name))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ));
+        }
+        let bytes = onnx::rewrite(model, &binding)?;
+        let feeder = Feeder::new(runtime, model, &bytes, binding, options)?;
+        Ok(Self {
+            feeder,
+            datasets: vec![(data, filter)],
+            metric,
+            output,
+        })
+    }
+
+    /// The execution provider the session runs on (`CPUExecutionProvider`, `CUDAExecutionProvider`).
+    pub fn provider(&self) -> &'static str {
+        self.feeder.provider
+    }
+
+    /// Why `--device auto` chose the CPU, when CUDA was not usable.
+    pub fn device_note(&self) -> Option<&str> {
+        self.feeder.device_note.as_deref()
+    }
+
+    /// Rows per batch actually used.
+    pub fn batch_size(&self) -> usize {
+        self.feeder.batch_size()
+    }
+
+    /// The graph output the metric reads.
+    pub fn output_name(&self) -> &str {
+        &self.output
+    }
+
+    /// Adds another data set (same model inputs); returns its index for [`Scorer::score_on`].
+    pub fn add_dataset(&mut self, data: ValidationSet, filter: Option<Filter>) -> usize {
+        self.datasets.push((data, filter));
+        self.datasets.len() - 1
+    }
+
+    /// Scores `candidate` on data set `which` (0 is the validation set).
+    fn score_dataset(
+        &mut self,
+        set: &CheckpointSet,
+        candidate: Candidate<'_>,
+        which: usize,
+    ) -> Result<f64> {
+        let Self {
+            feeder,
+            datasets,
+            metric,
+            output,
+        } = self;
+        let (data, filter) = &datasets[which];
+        let batch = feeder.batch_size();
+        let mut acc = Accumulator::new(metric, data.labels.as_ref(), filter.as_ref());
+        feeder.run(set, candidate, data, &mut |b| {
+            let value = b.outputs.get(output.as_str()).ok_or_else(|| {
                 Error::Runtime(format!("the model did not produce output `{output}`"))
             })?;
             let (shape, values) = output_f32(value)?;
-            if pad.is_some() && values.len() == 1 {
+            if b.padded.is_some() && values.len() == 1 {
                 return Err(Error::Metric(format!(
                     "output `{output}` is one value per batch, but the model's fixed batch size {batch} \
                      does not divide the {} validation rows, so the last batch would be padded and the \
@@ -304,18 +366,17 @@ impl OnnxScorer {
                     data.rows
                 )));
             }
-            let (shape, values) = match pad {
-                Some(_) if shape.first().is_some_and(|&d| d > rows) => {
+            let (shape, values) = match b.padded {
+                Some(_) if shape.first().is_some_and(|&d| d > b.rows) => {
                     let width = values.len() / shape[0];
                     let mut s = shape.clone();
-                    s[0] = rows;
-                    (s, values[..rows * width].to_vec())
+                    s[0] = b.rows;
+                    (s, values[..b.rows * width].to_vec())
                 }
                 _ => (shape, values),
             };
-            acc.update(&values, &shape, start, rows)?;
-            start = end;
-        }
+            acc.update(&values, &shape, b.start, b.rows)
+        })?;
         Ok(acc.finish())
     }
 }
@@ -492,7 +553,7 @@ fn owned_value(arr: Array) -> Result<DynValue> {
 }
 
 /// The output as `f32` values with its shape (f16, bf16 and f64 outputs are converted).
-fn output_f32(value: &DynValue) -> Result<(Vec<usize>, Vec<f32>)> {
+pub(crate) fn output_f32(value: &DynValue) -> Result<(Vec<usize>, Vec<f32>)> {
     fn shape_of(s: &[i64]) -> Vec<usize> {
         s.iter().map(|&d| d.max(0) as usize).collect()
     }
