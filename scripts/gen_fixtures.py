@@ -3,6 +3,7 @@
 
     python scripts/gen_fixtures.py            # everything
     python scripts/gen_fixtures.py digits kge # only some groups
+    python scripts/gen_fixtures.py bn         # only the BatchNorm-recalibration fixtures
 
 Requirements: torch (CPU), onnx, onnxruntime, onnxscript, safetensors, numpy,
 scikit-learn (for its bundled `load_digits`, no download), ml_dtypes.
@@ -61,6 +62,23 @@ fixtures/exports/
                       `onnx::MatMul_*` initializer.
     val_images.npz    x f32 [101,1,8,8], y int64 [101] for the CNN.
     All export files here are saved with every initializer inline (single file).
+
+fixtures/bn/ (+ fixtures/digits/calib.npz, fixtures/digits/expected/recal*)
+    BatchNorm recalibration (`--recalibrate-bn CALIB.npz`), group `bn`, computed by
+    scripts/reference_bn.py (torch's real update_bn, cross-checked against a
+    float64 numpy forward pass). A CNN conv: Conv2d(1,4,3,p=1) -> bn1:
+    BatchNorm2d(4) -> ReLU -> flatten -> drop: Dropout(0.2) -> fc1:
+    Linear(256,32) -> bn2: BatchNorm1d(32) -> ReLU -> fc2: Linear(32,10) on 8x8
+    digits (the dropout between the BatchNorms makes bn2's recalibrated stats
+    depend on keeping it in eval mode), 6 epoch checkpoints, model.onnx(+.data),
+    val.npz, calib.npz (200 rows, not a multiple of the calibration batch 64). Expected: epoch_3 and the
+    mean of epochs 4-6 recalibrated, plain vs recalibrated accuracies, and ASWA
+    with every scored candidate recalibrated (expected/recal.json,
+    recal_*.safetensors, aswa_recal.safetensors); plain ASWA for contrast
+    (expected/aswa_accuracy.json). For the digits MLP: calib.npz (300 training-
+    pool rows) and epoch_5 recalibrated. `bn` runs after the other groups (and
+    whenever `digits` runs, since that wipes fixtures/digits); alone:
+    python scripts/gen_fixtures.py bn
 
 The expected ASWA results are computed by scripts/reference_aswa.py (numpy +
 onnxruntime, independent of the Rust code). Training is deterministic on CPU
@@ -616,12 +634,199 @@ def gen_strategies():
 
 
 # ---------------------------------------------------------------------------
+# BatchNorm recalibration (reference_bn.py)
+# ---------------------------------------------------------------------------
+
+BN = dict(n_train=600, epochs=6, lr=0.05, momentum=0.9, batch=32, seed=9, n_calib=200, calib_batch=64)
+DIGITS_CALIB_ROWS = 300
+
+
+def _st(path):
+    return {k: v for k, (_, v) in ref.read_safetensors(path).items()}
+
+
+def _write_checked(path, tensors):
+    ref.write_safetensors(path, tensors)
+    back = load_file(path)  # the safetensors library reads our writer's output back unchanged
+    assert set(back) == set(tensors)
+    for k, a in tensors.items():
+        assert back[k].numpy().dtype == a.dtype and np.array_equal(back[k].numpy(), a), (path, k)
+
+
+def _bn_nodes(mpath):
+    """[(node name, [input names], {attr: value})] of the BatchNormalization nodes."""
+    m = onnx.load(mpath, load_external_data=False)
+    out = []
+    for n in m.graph.node:
+        if n.op_type == "BatchNormalization":
+            out.append((n.name, list(n.input), {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}))
+    return out
+
+
+def gen_bn():
+    """BatchNorm recalibration fixtures: fixtures/digits/{calib.npz, expected/recal*} and fixtures/bn/."""
+    import onnxruntime as ort
+    import reference_bn as rbn
+
+    log("== bn")
+    p = BN
+    B = p["calib_batch"]
+    x, y, val, test, pool = digits_split()
+    diffs = []  # (max abs, max scaled) torch-vs-numpy per recalibration
+    margins = []  # smallest top-1/top-2 logit gap of every recalibrated candidate scored
+
+    # -- digits MLP (BatchNorm1d): calibration rows from the training pool ----
+    d = os.path.join(FIX, "digits")
+    cal_idx = pool[:DIGITS_CALIB_ROWS]  # the first 100 are the MLP's training rows
+    assert not (set(cal_idx) & (set(val) | set(test)))
+    x_cal = x[cal_idx]
+    np.savez(os.path.join(d, "calib.npz"), x=x_cal)
+    assert sorted(MLP().state_dict()) == sorted(rbn.DigitsMLP().state_dict())
+    ex = os.path.join(d, "expected")
+    os.makedirs(ex, exist_ok=True)
+    sc = ref.Scorer(os.path.join(d, "model.onnx"), os.path.join(d, "val.npz"), "accuracy")
+    cand = _st(os.path.join(d, "checkpoints", "epoch_5.safetensors"))
+    st = rbn.recalibrate(MLP, cand, x_cal, B)  # torch update_bn on the generator's own MLP class
+    npst = rbn.numpy_recalibrate("digits_mlp", cand, x_cal, B)
+    diffs.append((rbn.max_abs_diff(st, npst), rbn.max_scaled_diff(st, npst)))
+    assert diffs[-1][1] <= 1e-6, diffs[-1]
+    new = rbn.recalibrated_state(MLP, cand, x_cal, B, st)
+    _write_checked(os.path.join(ex, "recal_epoch_5.safetensors"), new)
+    out_r = sc.outputs(new)
+    margins.append(rbn.min_margin(out_r))
+    plain, recal = sc.score(cand), ref.compute_metric("accuracy", out_r, sc.val["y"])
+    assert plain != recal
+    res_d = {"batch_size": B, "calib_rows": len(x_cal), "calib_batches": -(-len(x_cal) // B), "metric": "accuracy",
+             "val": {"epoch_5": {"plain": plain, "recalibrated": recal}}}
+    ref.write_json(os.path.join(ex, "recal.json"), res_d)
+    log(f"  digits/calib.npz x {x_cal.shape}; epoch_5 accuracy plain {plain:.6f} -> recalibrated {recal:.6f}")
+
+    # -- CNN with BatchNorm2d + BatchNorm1d + Dropout ---------------------------
+    out = os.path.join(FIX, "bn")
+    fresh_dir(out)
+    ck = os.path.join(out, "checkpoints")
+    os.makedirs(ck)
+    tr = pool[: p["n_train"]]
+    cal = pool[: p["n_calib"]]  # a sample of the training rows; 200 = 3 * 64 + 8: partial last batch
+    assert len(cal) % B != 0
+    img = x.reshape(-1, 1, 8, 8)
+    np.savez(os.path.join(out, "val.npz"), x=img[val], y=y[val])
+    np.savez(os.path.join(out, "calib.npz"), x=img[cal])
+    xi, yt, xv = torch.from_numpy(img[tr]), torch.from_numpy(y[tr]), torch.from_numpy(img[val])
+    torch.manual_seed(p["seed"])
+    g = torch.Generator().manual_seed(p["seed"])
+    model = rbn.BnCNN()
+    opt = torch.optim.SGD(model.parameters(), lr=p["lr"], momentum=p["momentum"])
+    for ep in range(1, p["epochs"] + 1):
+        model.train()  # dropout active while training
+        order = torch.randperm(len(tr), generator=g)
+        for s in range(0, len(tr), p["batch"]):
+            i = order[s : s + p["batch"]]
+            loss = nn.functional.cross_entropy(model(xi[i]), yt[i])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        save_state(model, os.path.join(ck, f"epoch_{ep}.safetensors"))
+        model.eval()
+        with torch.no_grad():
+            acc = (model(xv).argmax(1).numpy() == y[val]).mean()
+        log(f"  epoch {ep} train loss {loss.item():.4f} val acc {acc:.4f}")
+
+    model.eval()
+    mpath = os.path.join(out, "model.onnx")
+    export_quiet(model, (xv[:5],), mpath, dynamo=True, optimize=False, input_names=["x"], output_names=["logits"],
+                 dynamic_shapes={"x": {0: torch.export.Dim("batch")}})
+    s = print_summary(mpath)
+    sd = model.state_dict()
+    names = [i[0] for i in s["initializers"]]
+    assert sorted(names) == sorted(k for k in sd if sd[k].is_floating_point()), names
+    bns = _bn_nodes(mpath)
+    stat_names = rbn.bn_stat_names(model)
+    assert len(bns) == 2, bns
+    for (nname, inputs, attrs), bn in zip(bns, ("bn1", "bn2")):
+        assert inputs[1:5] == [f"{bn}.weight", f"{bn}.bias", f"{bn}.running_mean", f"{bn}.running_var"], inputs
+        assert abs(attrs.get("epsilon", 1e-5) - rbn.BN_EPS) < 1e-12 and attrs.get("training_mode", 0) == 0, attrs
+        log(f"  BatchNormalization {nname}: inputs {inputs} attrs {attrs}")
+    log(f"  Dropout node in the eval-mode export: {'Dropout' in s['ops']}")
+    sess = ort.InferenceSession(mpath, providers=["CPUExecutionProvider"])
+    o = sess.run(["logits"], {"x": img[val]})[0]
+    with torch.no_grad():
+        t = model(xv).numpy()
+    log(f"  onnx vs torch max |diff| {np.abs(o - t).max():.3g}; BN stats {stat_names}")
+    log(f"  files {sorted(os.listdir(out))}")
+
+    ex = os.path.join(out, "expected")
+    os.makedirs(ex)
+    v = os.path.join(out, "val.npz")
+    x_cal = img[cal]
+    sc = ref.Scorer(mpath, v, "accuracy")
+
+    def recal_with(stats_fn):
+        def f(tensors):
+            return rbn.recalibrated_state(rbn.BnCNN, tensors, x_cal, B, stats_fn(tensors))
+        return f
+
+    recal = recal_with(lambda t: rbn.checked_recalibrate("bn_cnn", t, x_cal, B, record=diffs))
+    # the same, with the float64 numpy stats (rounded to f32) instead of torch's: must score identically
+    recal_np = recal_with(lambda t: rbn.numpy_recalibrate("bn_cnn", t, x_cal, B))
+
+    # the fixture tells "dropout in eval" apart from a plain update_bn (whole model in train mode)
+    from torch.utils.data import DataLoader, TensorDataset
+
+    m3 = rbn.BnCNN()
+    m3.load_state_dict(load_file(os.path.join(ck, "epoch_3.safetensors")))
+    torch.manual_seed(0)
+    torch.optim.swa_utils.update_bn(DataLoader(TensorDataset(torch.from_numpy(x_cal)), batch_size=B), m3)
+    st3 = rbn.recalibrate(rbn.BnCNN, _st(os.path.join(ck, "epoch_3.safetensors")), x_cal, B)
+    m3sd = m3.state_dict()
+    log("  plain update_bn (dropout in train mode) vs dropout in eval, epoch_3: max |diff| "
+        + ", ".join(f"{k} {np.abs(m3sd[k].numpy() - v).max():.3g}" for k, v in st3.items()))
+    for k in ("bn1.running_mean", "bn1.running_var"):  # before the dropout: the same
+        assert np.array_equal(m3sd[k].numpy(), st3[k]), k
+    for k in ("bn2.running_mean", "bn2.running_var"):  # after it: a train-mode dropout changes them
+        assert np.abs(m3sd[k].numpy() - st3[k]).max() > 1e-3, k
+
+    cks = [ref.read_safetensors(os.path.join(ck, f"epoch_{e}.safetensors")) for e in range(1, p["epochs"] + 1)]
+    res = {"batch_size": B, "calib_rows": len(cal), "calib_batches": -(-len(cal) // B), "metric": "accuracy", "val": {}}
+    for key, fname, members in (("epoch_3", "recal_epoch_3", [2]), ("mean_4_6", "recal_mean_4_6", [3, 4, 5])):
+        cand = ref.average(cks, members)  # one member: the checkpoint itself
+        new = recal(cand)
+        _write_checked(os.path.join(ex, fname + ".safetensors"), new)
+        out_r = sc.outputs(new)
+        margins.append(rbn.min_margin(out_r))
+        plain, rec = sc.score(cand), ref.compute_metric("accuracy", out_r, sc.val["y"])
+        assert sc.score(recal_np(cand)) == rec
+        assert plain != rec, key
+        changed = [k for k in new if not np.array_equal(new[k], cand[k])]
+        assert sorted(changed) == sorted(stat_names), changed
+        res["val"][key] = {"plain": plain, "recalibrated": rec}
+        log(f"  {key}: accuracy plain {plain:.6f} -> recalibrated {rec:.6f}")
+
+    aswa, final = rbn.run_aswa_recal(ck, mpath, v, recal, margins=margins)
+    aswa_np, final_np = rbn.run_aswa_recal(ck, mpath, v, recal_np)
+    assert aswa_np == aswa, "ASWA decisions/scores depend on torch-vs-numpy stat noise"
+    res["aswa"] = {k: aswa[k] for k in ("metric", "higher_is_better", "accept_ties", "recalibrated", "checkpoints",
+                                        "steps", "members", "val_score")}
+    _write_checked(os.path.join(ex, "aswa_recal.safetensors"), final)
+    ref.write_json(os.path.join(ex, "recal.json"), res)
+    log(f"  aswa with recalibration: {' '.join(s['decision'] for s in aswa['steps'])} -> members {aswa['members']} "
+        f"val_score={aswa['val_score']:.6f}")
+    plain_aswa, _ = run_ref(ck, mpath, v, "accuracy", os.path.join(ex, "aswa_accuracy.json"))
+    assert [s["decision"] for s in plain_aswa["steps"]] != [s["decision"] for s in aswa["steps"]]
+    log(f"  torch vs numpy BN stats: max |diff| {max(a for a, _ in diffs):.3g}, "
+        f"max |diff|/max(1,|stat|) {max(r for _, r in diffs):.3g} over {len(diffs)} recalibrations")
+    log(f"  smallest top-1/top-2 logit margin of a recalibrated candidate: {min(margins):.3g}")
+    return {"digits": res_d, "bn": res, "plain_aswa": plain_aswa}
+
+
+# ---------------------------------------------------------------------------
 
 README_HEAD = """# Test fixtures
 
 Everything in this directory is generated by
 
-    python scripts/gen_fixtures.py            # from the repo root; ~15 s on 2 CPU cores
+    python scripts/gen_fixtures.py            # from the repo root; ~15 s on 2 CPU cores (+ ~20 s for `bn`)
+    python scripts/gen_fixtures.py bn         # only the BatchNorm-recalibration fixtures
 
 (torch CPU, onnx, onnxruntime 1.31, onnxscript, safetensors, numpy, scikit-learn,
 ml_dtypes). The expected results are computed by the independent Python reference
@@ -658,6 +863,8 @@ under 1e-5 relative noise on the model outputs).
 | `digits/fixed_batch/model.onnx` | the same model exported with a fixed batch dimension of 100 (all inline) |
 | `digits/val.npz`, `val_compressed.npz`, `test.npz` | `x` f32 [437,64] in [0,1], `y` int64 [437]; val_compressed = same arrays via `np.savez_compressed`; test is disjoint |
 | `digits/expected/` | `aswa_accuracy.json`+`.safetensors`, `aswa_cross_entropy.json`+`.safetensors`, `aswa_accuracy_ties.json` (`--accept-ties`) |
+| `digits/calib.npz` | `x` f32 [300,64]: BatchNorm calibration rows (the first 300 rows of the digits training pool; the first 100 of them are the MLP's training rows; disjoint from val/test) |
+| `digits/expected/recal_epoch_5.safetensors`, `recal.json` | epoch_5 with `bn.running_mean`/`bn.running_var` recalibrated on `digits/calib.npz` (batch 64); plain vs recalibrated accuracy (see "BatchNorm recalibration") |
 | `digits/expected/strategies_accuracy.json` + `strategies/<strategy>.safetensors` | all eight selection strategies, default parameters, accuracy, with test scores (see "Selection strategies") |
 | `digits/expected/strategies_params.json` + `strategies_params/<strategy>.safetensors` | swa, uniform, ema, top-k, greedy-soup with non-default parameters |
 | `digits_f16/checkpoints/`, `digits_bf16/checkpoints/` | the digits checkpoints with float tensors cast to F16 / BF16 (`num_batches_tracked` stays I64). No model copy: use `--model fixtures/digits/model.onnx --val fixtures/digits/val.npz` |
@@ -673,8 +880,53 @@ under 1e-5 relative noise on the model outputs).
 | `exports/fused_bn_legacy.onnx` | legacy exporter, constant folding: BN fused, conv params renamed `onnx::Conv_*` |
 | `exports/folded.onnx` + `folded_checkpoints/epoch_{1,2}.safetensors` | legacy exporter, constant folding, `fc1` Linear(8,16) applied to a 3-D input: `fc1.weight` folded/transposed into `onnx::MatMul_*` [8,16] |
 | `exports/val_images.npz` | `x` f32 [101,1,8,8], `y` int64 [101] (first 101 digits val rows) |
+| `bn/checkpoints/epoch_{1..6}.safetensors` | CNN `conv` Conv2d(1,4,3,p=1) -> `bn1` BatchNorm2d(4) -> ReLU -> flatten -> `drop` Dropout(0.2) -> `fc1` Linear(256,32) -> `bn2` BatchNorm1d(32) -> ReLU -> `fc2` Linear(32,10), f32 + int64 0-dim `bn{1,2}.num_batches_tracked`. The dropout sits between the BatchNorms: `bn2`'s recalibrated stats depend on it being in eval mode |
+| `bn/model.onnx` + `model.onnx.data` | dynamo=True, optimize=False, eval mode (no Dropout node), dynamic batch, opset 20; two `BatchNormalization` nodes (epsilon 1e-5, momentum 0.9, training_mode absent = 0) reading `bn{1,2}.{weight,bias,running_mean,running_var}`; `fc1.weight`, `fc2.weight` external |
+| `bn/val.npz`, `bn/calib.npz` | val: `x` f32 [437,1,8,8], `y` int64 [437] (the digits val rows); calib: `x` f32 [200,1,8,8] only (training rows; 200 = 3*64 + 8, so the last calibration batch is partial) |
+| `bn/expected/` | `recal.json`, `recal_epoch_3.safetensors`, `recal_mean_4_6.safetensors`, `aswa_recal.safetensors` (see "BatchNorm recalibration"); `aswa_accuracy.json` = plain ASWA without recalibration, for contrast |
 
-All `exports/*.onnx` are single files (initializers inline).
+All `exports/*.onnx` are single files (initializers inline). `kge/` has no
+BatchNorm: recalibration there is a no-op (with a notice).
+
+## BatchNorm recalibration
+
+`--recalibrate-bn CALIB.npz` expectations are written by the independent
+reference `scripts/reference_bn.py`. For a candidate (a checkpoint, or the
+uniform average of checkpoints rounded once to the dtype as above), every
+BatchNorm's `running_mean` / `running_var` is recomputed exactly as
+`torch.optim.swa_utils.update_bn` does: stats reset, momentum None (equal-weight
+cumulative average over the batches), model in train mode so each BatchNorm
+normalises with its own batch statistics (biased variance, eps 1e-5) and later
+layers see those outputs, the stored `running_var` = mean over batches of the
+UNBIASED batch variance (n/(n-1); n = rows, or rows*H*W for BatchNorm2d).
+Dropout stays in EVAL mode (identity) during the pass (plain `update_bn` would
+leave it in train mode; in `bn/` that would change `bn2`'s stats; the eval-mode
+ONNX export has no Dropout node). Batches: consecutive rows of `x` in order,
+batch size 64, last batch smaller, no shuffling. `num_batches_tracked` and every
+other tensor are left as in the candidate (so the `.safetensors` differ from the
+candidate only in the running stats; all f32). torch's stats agree with a
+float64 numpy forward pass within 1e-6 (absolute; relative above 1: at most
+6e-7 in these fixtures), so compare recalibrated running stats with a tolerance
+(~1e-5 relative); scoring the numpy stats instead gives identical accuracies and
+ASWA decisions, and so does scoring stats perturbed by 1e-4 relative noise (the
+smallest top-1/top-2 logit margin of any recalibrated candidate scored is
+> 5e-4). In the recalibrated ASWA run epoch_4's own score equals its look-ahead
+score (0.961098 both): not a hard step (strict), a soft one.
+
+`recal.json`: `batch_size`, `calib_rows`, `calib_batches`, `metric` (accuracy,
+onnxruntime, argmax ties -> lowest index), `val` = {candidate: {`plain`,
+`recalibrated`}} (digits: `epoch_5`; bn: `epoch_3`, `mean_4_6` = float64 mean of
+epochs 4, 5, 6 rounded to f32, `num_batches_tracked` from epoch_6), and for bn
+`aswa` = the ASWA rule above where EVERY scored candidate (each checkpoint and
+each look-ahead average) is recalibrated before scoring (`steps`, `members`,
+`val_score`, same fields as the ASWA JSON, plus `recalibrated: true`);
+`aswa_recal.safetensors` = the final members' average, recalibrated. Re-derive:
+
+    python scripts/reference_bn.py fixtures/bn/checkpoints/epoch_3.safetensors --arch bn_cnn \\
+        --calib fixtures/bn/calib.npz --batch-size 64 --out /tmp/recal_epoch_3.safetensors \\
+        --model fixtures/bn/model.onnx --val fixtures/bn/val.npz
+    python scripts/reference_bn.py fixtures/bn/checkpoints --arch bn_cnn --calib fixtures/bn/calib.npz \\
+        --model fixtures/bn/model.onnx --val fixtures/bn/val.npz --out /tmp/aswa.json
 
 ## Selection strategies
 
@@ -738,7 +990,7 @@ def write_readme():
     lines.append("## Reference results (generated)\n")
     short = {"init": "I", "hard": "H", "soft": "S", "reject": "r"}
     for p in sorted(glob.glob(os.path.join(FIX, "*", "expected", "*.json"))):
-        if os.path.basename(p).startswith("strategies_"):
+        if os.path.basename(p).startswith(("strategies_", "recal")):
             continue
         r = json.load(open(p))
         lines.append(f"### `{rel(p)[len('fixtures/'):]}`\n")
@@ -752,6 +1004,31 @@ def write_readme():
             lines.append(f"| {st['checkpoint'].replace('.safetensors', '')} | {st['running_score']:.6f} | {la} | "
                          f"{st['decision']} | {st['ensemble_score']:.6f} | {st['members']} |")
         lines.append("\ndecisions: " + " ".join(short[s["decision"]] for s in r["steps"]) + "\n")
+    recs = sorted(glob.glob(os.path.join(FIX, "*", "expected", "recal.json")))
+    if recs:
+        lines.append("## BatchNorm recalibration results (generated)\n")
+    for p in recs:
+        r = json.load(open(p))
+        lines.append(f"### `{rel(p)[len('fixtures/'):]}`\n")
+        lines.append(f"calibration: {r['calib_rows']} rows, batch size {r['batch_size']} "
+                     f"({r['calib_batches']} batches); metric `{r['metric']}`\n")
+        lines.append("| candidate | plain | recalibrated |")
+        lines.append("|---|---|---|")
+        for k, x in r["val"].items():
+            lines.append(f"| {k} | {x['plain']:.6f} | {x['recalibrated']:.6f} |")
+        a = r.get("aswa")
+        if a:
+            lines.append(f"\nASWA, every scored candidate recalibrated; final members "
+                         f"{', '.join(m.replace('.safetensors', '') for m in a['members'])}; "
+                         f"val_score {a['val_score']:.6f}\n")
+            lines.append("| checkpoint | running (checkpoint) score | look-ahead | decision | ensemble | n |")
+            lines.append("|---|---|---|---|---|---|")
+            for st in a["steps"]:
+                la = "-" if st["lookahead_score"] is None else f"{st['lookahead_score']:.6f}"
+                lines.append(f"| {st['checkpoint'].replace('.safetensors', '')} | {st['running_score']:.6f} | {la} | "
+                             f"{st['decision']} | {st['ensemble_score']:.6f} | {st['members']} |")
+            lines.append("\ndecisions: " + " ".join(short[s["decision"]] for s in a["steps"]))
+        lines.append("")
     strat = sorted(glob.glob(os.path.join(FIX, "*", "expected", "strategies_*.json")))
     if strat:
         lines.append("## Strategy results (generated)\n")
@@ -783,7 +1060,7 @@ def write_readme():
 
 
 def main(argv):
-    groups = argv or ["digits", "lowp", "kge", "exports"]
+    groups = argv or ["digits", "lowp", "kge", "exports", "bn"]
     os.makedirs(FIX, exist_ok=True)
     summary = {}
     if "digits" in groups:
@@ -796,6 +1073,8 @@ def main(argv):
         summary["exports"] = gen_exports()
     if {"digits", "lowp", "strategies"} & set(groups):  # digits/lowp wipe their expected/ dirs
         summary["strategies"] = gen_strategies()
+    if {"digits", "bn"} & set(groups):  # digits wipes digits/calib.npz and digits/expected/recal*
+        summary["bn"] = gen_bn()
     write_readme()
     total = 0
     for dp, _, fs in os.walk(FIX):

@@ -19,11 +19,14 @@ use crate::discovery::{self, DiscoverOptions};
 use crate::error::{Error, Result};
 use crate::reporting::plot::{self, Bar, StepPoint};
 use crate::reporting::{
-    self, progress, Gate, InputFile, Report, Skipped, StepReport, StrategyReport,
+    self, progress, Gate, InputFile, Recalibration, Report, Skipped, StepReport, StrategyReport,
 };
+use crate::scoring::batchnorm::{Recalibrating, Recalibrator};
 use crate::scoring::data::{self, DataOptions, Filter, Labels, ValidationSet};
 use crate::scoring::onnx::{self, Binding, OnnxModel};
-use crate::scoring::{runtime, CandidateKey, Metric, OnnxScorer, ScoreCache, SessionOptions};
+use crate::scoring::{
+    runtime, CandidateKey, Metric, OnnxScorer, ScoreCache, Scorer, SessionOptions,
+};
 use crate::storage::writer::{shard_paths, write_safetensors, write_sharded, TensorOut};
 use crate::storage::CheckpointSet;
 use crate::strategies::{self, Context, Direction, Merged, StrategyParams};
@@ -113,6 +116,12 @@ pub struct MergeConfig {
     pub device: crate::scoring::Device,
     /// Leave out unreadable or inconsistent checkpoints instead of failing.
     pub skip_invalid: bool,
+    /// Recompute BatchNorm statistics of every candidate on this calibration set.
+    pub recalibrate_bn: Option<PathBuf>,
+    /// Rows per calibration batch.
+    pub calib_batch_size: usize,
+    /// Also score every result without recalibration (for comparison).
+    pub also_without_bn: bool,
     pub fail_below: Option<f64>,
     pub require_gain: Option<Baseline>,
 }
@@ -136,6 +145,7 @@ struct Prepared {
     binding: Binding,
     val: ValidationSet,
     test: Option<(ValidationSet, Option<Filter>)>,
+    calib: Option<ValidationSet>,
     metric: Metric,
     filter: Option<Filter>,
     direction: Direction,
@@ -174,13 +184,61 @@ pub fn run(cfg: &MergeConfig) -> Result<RunOutcome> {
     }
     let test_index = p.test.clone().map(|(d, f)| scorer.add_dataset(d, f));
     let batch_size = scorer.batch_size();
+    let provider = scorer.provider();
+    let output_name = scorer.output_name().to_string();
+    let recalibrator = match &p.calib {
+        Some(calib) => {
+            let r = Recalibrator::new(
+                &rt,
+                &p.model,
+                &p.binding,
+                calib.clone(),
+                &SessionOptions {
+                    batch_size: cfg.calib_batch_size,
+                    threads: cfg.threads,
+                    output: None,
+                    device: cfg.device,
+                },
+            )?;
+            match &r {
+                Some(r) => say(&format!(
+                    "recalibrating {} BatchNorm layer{} of every candidate on {} ({} rows, batches of {})",
+                    r.batchnorm_nodes().len(),
+                    if r.batchnorm_nodes().len() == 1 { "" } else { "s" },
+                    calib.path.display(),
+                    r.rows(),
+                    r.batch_size()
+                )),
+                None => say("notice: the model has no BatchNormalization: --recalibrate-bn has nothing to do"),
+            }
+            r
+        }
+        None => None,
+    };
+    let recalibration = recalibrator.as_ref().map(|r| Recalibration {
+        calibration: cfg
+            .recalibrate_bn
+            .as_ref()
+            .map(|c| c.display().to_string())
+            .unwrap_or_default(),
+        rows: r.rows(),
+        batch_size: r.batch_size(),
+        batchnorm_layers: r.batchnorm_nodes().iter().map(|n| n.name.clone()).collect(),
+    });
+    let mut scorer: Box<dyn Scorer> = match recalibrator {
+        Some(recalibrator) => Box::new(Recalibrating {
+            inner: scorer,
+            recalibrator,
+        }),
+        None => Box::new(scorer),
+    };
     say(&format!(
         "scoring with {} on {} ({} rows, batches of {batch_size}, output `{}`, {}), {} is better",
         p.metric.name(),
         cfg.val.display(),
         rows,
-        scorer.output_name(),
-        scorer.provider(),
+        output_name,
+        provider,
         if p.direction.higher_is_better {
             "higher"
         } else {
@@ -209,7 +267,8 @@ pub fn run(cfg: &MergeConfig) -> Result<RunOutcome> {
         batch_size,
         evaluations: 0,
         onnxruntime: rt.library.display().to_string(),
-        execution_provider: scorer.provider().to_string(),
+        execution_provider: provider.to_string(),
+        recalibration,
         nan_scores: Vec::new(),
         skipped: p.skipped.clone(),
     };
@@ -218,7 +277,7 @@ pub fn run(cfg: &MergeConfig) -> Result<RunOutcome> {
     // Strategies, sharing one score cache. Each result is scored on the test set and,
     // with `compare -o DIR`, written as soon as it is known; only the best result so
     // far keeps its weights, so memory does not grow with the number of strategies.
-    let mut cache = ScoreCache::new(&mut scorer);
+    let mut cache = ScoreCache::new(&mut *scorer);
     let mut test_scores: HashMap<CandidateKey, f64> = HashMap::new();
     let mut results: Vec<StrategyReport> = Vec::new();
     let mut aswa_steps: Vec<strategies::Step> = Vec::new();
@@ -283,6 +342,11 @@ pub fn run(cfg: &MergeConfig) -> Result<RunOutcome> {
                 .collect(),
             members: merged.members.iter().map(|&i| path_of(i)).collect(),
             val_score: merged.score,
+            val_score_without_bn: if cfg.also_without_bn {
+                Some(cache.scorer().score_plain(set, merged.candidate(), 0)?)
+            } else {
+                None
+            },
             test_score,
             output: None,
             seconds: started.elapsed().as_secs_f64(),
@@ -293,7 +357,11 @@ pub fn run(cfg: &MergeConfig) -> Result<RunOutcome> {
         if let Destination::Dir(d) = &cfg.destination {
             let path = d.join(format!("{name}.safetensors"));
             let meta = report.metadata(&result, format.as_deref());
-            let file = write_result(set, &merged, &path, &meta, cfg.shard_size)?;
+            let finished = cache.scorer().finalize(set, merged.candidate())?;
+            let candidate = finished
+                .as_ref()
+                .map_or(merged.candidate(), Candidate::Average);
+            let file = write_result(set, candidate, &path, &meta, cfg.shard_size)?;
             result.output = Some(file.display().to_string());
             written.push(file);
         }
@@ -360,15 +428,19 @@ pub fn run(cfg: &MergeConfig) -> Result<RunOutcome> {
         c.check_unchanged()?;
     }
 
-    // Write what is left.
+    // Write what is left (recalibrated, when the scorer recalibrates).
+    let finished = scorer.finalize(set, merged.candidate())?;
+    let final_candidate = finished
+        .as_ref()
+        .map_or(merged.candidate(), Candidate::Average);
     if let Destination::File(path) = &cfg.destination {
         let meta = report.metadata(&results[chosen], format.as_deref());
-        let file = write_result(set, &merged, path, &meta, cfg.shard_size)?;
+        let file = write_result(set, final_candidate, path, &meta, cfg.shard_size)?;
         results[chosen].output = Some(file.display().to_string());
         written.push(file);
     }
     if let Some(path) = &cfg.export_onnx {
-        let candidate = merged.candidate();
+        let candidate = final_candidate;
         onnx::export(
             &p.model,
             &p.binding,
@@ -395,7 +467,7 @@ pub fn run(cfg: &MergeConfig) -> Result<RunOutcome> {
     // Summary.
     if cfg.compare {
         let with_test = cfg.test.is_some();
-        say(&reporting::compare_header(with_test));
+        say(&reporting::compare_header(with_test, cfg.also_without_bn));
         for r in &results {
             say(&reporting::compare_row(r, with_test));
         }
@@ -731,6 +803,26 @@ fn prepare(cfg: &MergeConfig, say: &dyn Fn(&str)) -> Result<Prepared> {
             .higher_is_better
             .unwrap_or_else(|| metric.higher_is_better()),
     };
+    let calib = match &cfg.recalibrate_bn {
+        Some(path) => {
+            let options = DataOptions {
+                input_map: cfg.inputs.clone(),
+                labels: None,
+            };
+            Some(data::load_validation(
+                path,
+                &model.data_inputs(),
+                &options,
+                false,
+            )?)
+        }
+        None if cfg.also_without_bn => {
+            return Err(Error::Usage(
+                "--also-without-bn needs --recalibrate-bn".into(),
+            ));
+        }
+        None => None,
+    };
     let numbers: Vec<Option<u64>> = kept.iter().map(|f| f.number).collect();
     let baseline = cfg.require_gain.map(|b| b.strategy().to_string());
     for name in cfg.strategies.iter().chain(baseline.iter()) {
@@ -764,6 +856,7 @@ fn prepare(cfg: &MergeConfig, say: &dyn Fn(&str)) -> Result<Prepared> {
         binding,
         val,
         test,
+        calib,
         metric,
         filter,
         direction,
@@ -821,12 +914,11 @@ fn gate(cfg: &MergeConfig, dir: Direction, score: f64, baseline: Option<(Baselin
 /// returns the file written (the index for a sharded output).
 fn write_result(
     set: &CheckpointSet,
-    merged: &Merged,
+    candidate: Candidate<'_>,
     path: &Path,
     meta: &BTreeMap<String, String>,
     shard_size: Option<u64>,
 ) -> Result<PathBuf> {
-    let candidate = merged.candidate();
     let tensors: Vec<TensorOut<'_>> = set
         .specs()
         .iter()
@@ -885,6 +977,7 @@ fn check_outputs(cfg: &MergeConfig, set: &CheckpointSet, model: &Path) -> Result
     inputs.extend(cfg.filter.clone());
     inputs.extend(cfg.test.clone());
     inputs.extend(cfg.test_filter.clone());
+    inputs.extend(cfg.recalibrate_bn.clone());
     inputs.push(model.with_extension("onnx.data"));
     for c in set.checkpoints() {
         inputs.push(c.path().to_path_buf());

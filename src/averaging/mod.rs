@@ -73,6 +73,43 @@ impl Weights {
     }
 }
 
+impl Weights {
+    /// Replaces float tensor `t` with `values` rounded to its dtype (for recalibrated
+    /// BatchNorm statistics).
+    pub fn set_values(
+        &mut self,
+        set: &CheckpointSet,
+        t: usize,
+        values: &[f64],
+    ) -> crate::Result<()> {
+        let spec = &set.specs()[t];
+        let wrong = || {
+            crate::Error::Runtime(format!(
+                "tensor `{}`: {} values computed for {} elements",
+                spec.name,
+                values.len(),
+                spec.numel()
+            ))
+        };
+        match self.bufs.get_mut(t).and_then(Option::as_mut) {
+            Some(FloatBuf::F32(o)) if o.len() == values.len() => {
+                o.iter_mut().zip(values).for_each(|(o, v)| *o = *v as f32)
+            }
+            Some(FloatBuf::F64(o)) if o.len() == values.len() => o.copy_from_slice(values),
+            Some(FloatBuf::F16(o)) if o.len() == values.len() => o
+                .iter_mut()
+                .zip(values)
+                .for_each(|(o, v)| *o = f16::from_f64(*v)),
+            Some(FloatBuf::BF16(o)) if o.len() == values.len() => o
+                .iter_mut()
+                .zip(values)
+                .for_each(|(o, v)| *o = bf16::from_f64(*v)),
+            _ => return Err(wrong()),
+        }
+        Ok(())
+    }
+}
+
 /// How a model is made from checkpoints, for [`Weights::build`].
 #[derive(Debug, Clone, Copy)]
 pub enum Recipe<'a> {

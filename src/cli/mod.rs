@@ -294,6 +294,23 @@ pub struct CommonArgs {
     #[arg(long)]
     pub skip_invalid: bool,
 
+    /// Recompute every BatchNorm's running mean and variance of every scored candidate
+    /// and of the output on this calibration set (same input arrays as --val, e.g. a
+    /// sample of training data), as torch.optim.swa_utils.update_bn does. Needs a model
+    /// that kept its BatchNormalization nodes (export with optimize=False).
+    #[arg(long, value_name = "CALIB.npz")]
+    pub recalibrate_bn: Option<PathBuf>,
+
+    /// Rows per calibration batch for --recalibrate-bn (BatchNorm statistics depend on it;
+    /// use the training batch size).
+    #[arg(long, value_name = "N", default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..))]
+    pub calib_batch_size: u64,
+
+    /// With --recalibrate-bn: also score every result without recalibration, to see the
+    /// difference (a column of compare's table, `val_score_without_bn` in the report).
+    #[arg(long)]
+    pub also_without_bn: bool,
+
     /// Check everything and print the plan (checkpoints in order, tensors, bytes to read,
     /// predicted peak memory) without scoring or writing anything.
     #[arg(long)]
@@ -362,6 +379,9 @@ impl CommonArgs {
             dry_run: self.dry_run,
             device: self.device,
             skip_invalid: self.skip_invalid,
+            recalibrate_bn: self.recalibrate_bn.clone(),
+            calib_batch_size: self.calib_batch_size as usize,
+            also_without_bn: self.also_without_bn,
             fail_below: self.fail_below,
             require_gain: self.require_gain,
         }

@@ -57,6 +57,9 @@ pub struct Report {
     pub execution_provider: String,
     /// Checkpoints whose validation score is NaN (non-finite outputs: diverged training).
     pub nan_scores: Vec<String>,
+    /// BatchNorm recalibration, when it was applied.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub recalibration: Option<Recalibration>,
     /// Paths that looked like checkpoints but were left out, with the reason.
     pub skipped: Vec<Skipped>,
 }
@@ -87,6 +90,9 @@ pub struct StrategyReport {
     pub members: Vec<String>,
     /// Validation score of the result (null if NaN).
     pub val_score: f64,
+    /// With `--also-without-bn`: the validation score without BatchNorm recalibration.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub val_score_without_bn: Option<f64>,
     /// Test score of the result (with `--test`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub test_score: Option<f64>,
@@ -94,6 +100,18 @@ pub struct StrategyReport {
     pub output: Option<String>,
     /// Wall-clock seconds the strategy took (scores it reused from the cache cost nothing).
     pub seconds: f64,
+}
+
+/// How BatchNorm statistics were recalibrated (`--recalibrate-bn`).
+#[derive(Debug, Clone, Serialize)]
+pub struct Recalibration {
+    /// The calibration .npz.
+    pub calibration: String,
+    /// Calibration rows (samples) per recalibration pass.
+    pub rows: usize,
+    pub batch_size: usize,
+    /// The BatchNormalization nodes whose statistics were recomputed.
+    pub batchnorm_layers: Vec<String>,
 }
 
 /// An input checkpoint file.
@@ -199,6 +217,9 @@ impl Report {
         m.insert("aswa_merge.inputs".into(), json(&self.inputs));
         m.insert("aswa_merge.model".into(), self.model.clone());
         m.insert("aswa_merge.validation".into(), self.validation.clone());
+        if let Some(r) = &self.recalibration {
+            m.insert("aswa_merge.recalibrated_bn".into(), json(r));
+        }
         m
     }
 }
@@ -239,8 +260,11 @@ pub fn table_row(step: &Step, name: &str) -> String {
 }
 
 /// The header of the `compare` table.
-pub fn compare_header(with_test: bool) -> String {
+pub fn compare_header(with_test: bool, without_bn: bool) -> String {
     let mut h = format!("{:<12} {:>7} {:>10}", "strategy", "members", "validation");
+    if without_bn {
+        h += &format!(" {:>10}", "no-recal");
+    }
     if with_test {
         h += &format!(" {:>10}", "test");
     }
@@ -255,6 +279,9 @@ pub fn compare_row(r: &StrategyReport, with_test: bool) -> String {
         r.members.len(),
         format_score(r.val_score)
     );
+    if let Some(v) = r.val_score_without_bn {
+        row += &format!(" {:>10}", format_score(v));
+    }
     if with_test {
         row += &format!(" {:>10}", r.test_score.map_or("-".into(), format_score));
     }

@@ -5,6 +5,7 @@
 //! candidate is the uniform mean of a set of checkpoints, so the sorted member list
 //! identifies it.
 
+pub mod batchnorm;
 pub mod data;
 pub mod metrics;
 pub mod onnx;
@@ -40,6 +41,26 @@ pub trait Scorer {
                 "this scorer has no data set {dataset}"
             ))),
         }
+    }
+
+    /// The weights to write for `candidate` when scoring transforms it (BatchNorm
+    /// recalibration); `None` when what is scored is the candidate itself.
+    fn finalize(
+        &mut self,
+        _set: &CheckpointSet,
+        _candidate: Candidate<'_>,
+    ) -> Result<Option<crate::averaging::Weights>> {
+        Ok(None)
+    }
+
+    /// The score of `candidate` as it is, without any transformation.
+    fn score_plain(
+        &mut self,
+        set: &CheckpointSet,
+        candidate: Candidate<'_>,
+        dataset: usize,
+    ) -> Result<f64> {
+        self.score_on(set, candidate, dataset)
     }
 }
 

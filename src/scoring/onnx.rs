@@ -102,7 +102,7 @@ pub struct ValueInfo {
 #[derive(Debug)]
 pub struct OnnxModel {
     path: PathBuf,
-    model: proto::ModelProto,
+    pub(crate) model: proto::ModelProto,
 }
 
 /// An initializer as the model declares it.
@@ -382,6 +382,12 @@ fn mismatch_message(
 /// Returns the model with every bound initializer turned into a graph input, and any
 /// external data of the remaining initializers read in, encoded as protobuf bytes.
 pub fn rewrite(model: &OnnxModel, binding: &Binding) -> Result<Vec<u8>> {
+    Ok(rewritten(model, binding)?.encode_to_vec())
+}
+
+/// The model with every bound initializer turned into a graph input and external data
+/// read in (see [`rewrite`]).
+pub(crate) fn rewritten(model: &OnnxModel, binding: &Binding) -> Result<proto::ModelProto> {
     let mut m = model.model.clone();
     let graph = m.graph.as_mut().expect("checked in load");
     let bound: HashMap<&str, &Bound> = binding.bound.iter().map(|b| (b.name.as_str(), b)).collect();
@@ -416,7 +422,7 @@ pub fn rewrite(model: &OnnxModel, binding: &Binding) -> Result<Vec<u8>> {
             ..Default::default()
         });
     }
-    Ok(m.encode_to_vec())
+    Ok(m)
 }
 
 /// The 2 GB protobuf limit, less a margin for the graph itself: above it, `export`
@@ -493,7 +499,7 @@ pub fn export<'a>(
     crate::storage::writer::atomic_write(path, |w| std::io::Write::write_all(w, &bytes))
 }
 
-fn elem_code(e: ElemType) -> i32 {
+pub(crate) fn elem_code(e: ElemType) -> i32 {
     (match e {
         ElemType::F32 => DataType::Float,
         ElemType::F16 => DataType::Float16,

@@ -184,6 +184,16 @@ impl Feeder {
         self.batch
     }
 
+    /// The model's fixed batch dimension, if it has one.
+    pub(crate) fn fixed_batch(&self) -> Option<usize> {
+        self.fixed_batch
+    }
+
+    /// Sets the rows per batch (a fixed batch dimension keeps its own).
+    pub(crate) fn set_batch_size(&mut self, n: usize) {
+        self.batch = self.fixed_batch.unwrap_or(n.max(1));
+    }
+
     /// Runs the model with `candidate`'s weights over `data` in batches, in row order,
     /// calling `each` with every batch's outputs.
     pub(crate) fn run(

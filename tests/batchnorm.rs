@@ -1,0 +1,248 @@
+//! BatchNorm recalibration (`--recalibrate-bn`) against `torch.optim.swa_utils.update_bn`
+//! (scripts/reference_bn.py, cross-checked there with a numpy re-implementation).
+//!
+//! Statistics are compared within 1e-5 relative (max abs error / max abs value per
+//! tensor): they are f32 batch means and variances accumulated in a different order.
+
+mod common;
+
+use std::path::Path;
+
+use common::*;
+use predicates::prelude::*;
+use predicates::str::contains;
+
+fn close(a: f64, b: f64) -> bool {
+    (a - b).abs() <= 1e-9
+}
+
+/// Every tensor of `got` equals `want`: BatchNorm statistics within 1e-5 relative, the
+/// rest exactly (they are the candidate's own weights).
+fn assert_recalibrated(got: &Path, want: &Path) {
+    let (g, _) = read_st(got);
+    let (w, _) = read_st(want);
+    assert_eq!(g.keys().collect::<Vec<_>>(), w.keys().collect::<Vec<_>>());
+    for (name, wt) in &w {
+        let gt = &g[name];
+        if name.ends_with("running_mean") || name.ends_with("running_var") {
+            let (gv, wv) = (gt.values(), wt.values());
+            let max_abs = wv.iter().fold(0f64, |m, v| m.max(v.abs())).max(1e-12);
+            let err = gv
+                .iter()
+                .zip(&wv)
+                .fold(0f64, |m, (a, b)| m.max((a - b).abs()));
+            assert!(
+                err / max_abs <= 1e-5,
+                "{name}: relative error {}",
+                err / max_abs
+            );
+        } else if wt.dtype == safetensors::Dtype::F32 {
+            let (gv, wv) = (gt.values(), wt.values());
+            let max_abs = wv.iter().fold(0f64, |m, v| m.max(v.abs())).max(1e-12);
+            let err = gv
+                .iter()
+                .zip(&wv)
+                .fold(0f64, |m, (a, b)| m.max((a - b).abs()));
+            assert!(
+                err / max_abs <= 1e-6,
+                "{name}: relative error {}",
+                err / max_abs
+            );
+        } else {
+            assert_eq!(gt.data, wt.data, "{name}");
+        }
+    }
+}
+
+fn bn_run(args: &[&str]) -> (tempfile::TempDir, serde_json::Value) {
+    let dir = tempfile::tempdir().unwrap();
+    cmd()
+        .arg(fixture("bn/checkpoints"))
+        .arg("--val")
+        .arg(fixture("bn/val.npz"))
+        .arg("--recalibrate-bn")
+        .arg(fixture("bn/calib.npz"))
+        .args(args)
+        .arg("-o")
+        .arg(dir.path().join("out.safetensors"))
+        .arg("--report")
+        .arg(dir.path().join("r.json"))
+        .assert()
+        .success();
+    let r = read_json(&dir.path().join("r.json"));
+    (dir, r)
+}
+
+#[test]
+fn aswa_with_recalibration_matches_the_reference() {
+    let (dir, report) = bn_run(&[]);
+    let expected = &read_json(&fixture("bn/expected/recal.json"))["aswa"];
+    assert_matches_reference(&report, expected, 1e-9);
+    assert_recalibrated(
+        &dir.path().join("out.safetensors"),
+        &fixture("bn/expected/aswa_recal.safetensors"),
+    );
+    let recal = &report["recalibration"];
+    assert_eq!(recal["rows"], 200);
+    assert_eq!(recal["batch_size"], 64);
+    assert_eq!(recal["batchnorm_layers"].as_array().unwrap().len(), 2);
+    let (_, meta) = read_st(&dir.path().join("out.safetensors"));
+    assert!(meta["aswa_merge.recalibrated_bn"].contains("\"rows\":200"));
+}
+
+#[test]
+fn a_recalibrated_checkpoint_and_average_equal_update_bn() {
+    let want = read_json(&fixture("bn/expected/recal.json"));
+    let (dir, r) = bn_run(&["--glob", "epoch_3.safetensors"]);
+    assert_recalibrated(
+        &dir.path().join("out.safetensors"),
+        &fixture("bn/expected/recal_epoch_3.safetensors"),
+    );
+    assert!(close(
+        r["val_score"].as_f64().unwrap(),
+        want["val"]["epoch_3"]["recalibrated"].as_f64().unwrap()
+    ));
+
+    let (dir, r) = bn_run(&["--glob", "epoch_[456].safetensors", "--strategy", "uniform"]);
+    assert_recalibrated(
+        &dir.path().join("out.safetensors"),
+        &fixture("bn/expected/recal_mean_4_6.safetensors"),
+    );
+    assert!(close(
+        r["val_score"].as_f64().unwrap(),
+        want["val"]["mean_4_6"]["recalibrated"].as_f64().unwrap()
+    ));
+}
+
+#[test]
+fn batchnorm1d_in_an_mlp_is_recalibrated_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.safetensors");
+    let report = dir.path().join("r.json");
+    cmd()
+        .arg(fixture("digits/checkpoints"))
+        .arg("--val")
+        .arg(fixture("digits/val.npz"))
+        .arg("--recalibrate-bn")
+        .arg(fixture("digits/calib.npz"))
+        .args(["--glob", "epoch_5.safetensors", "-o"])
+        .arg(&out)
+        .arg("--report")
+        .arg(&report)
+        .assert()
+        .success();
+    assert_recalibrated(&out, &fixture("digits/expected/recal_epoch_5.safetensors"));
+    let want = read_json(&fixture("digits/expected/recal.json"));
+    let got = read_json(&report)["val_score"].as_f64().unwrap();
+    assert!(close(
+        got,
+        want["val"]["epoch_5"]["recalibrated"].as_f64().unwrap()
+    ));
+}
+
+#[test]
+fn compare_shows_scores_with_and_without_recalibration() {
+    let dir = tempfile::tempdir().unwrap();
+    let report = dir.path().join("r.json");
+    cmd()
+        .arg("compare")
+        .arg(fixture("bn/checkpoints"))
+        .arg("--val")
+        .arg(fixture("bn/val.npz"))
+        .arg("--recalibrate-bn")
+        .arg(fixture("bn/calib.npz"))
+        .args([
+            "--also-without-bn",
+            "--strategies",
+            "aswa,best,last",
+            "--report",
+        ])
+        .arg(&report)
+        .assert()
+        .success()
+        .stderr(contains("no-recal"));
+    let r = read_json(&report);
+    let plain = read_json(&fixture("bn/expected/aswa_accuracy.json"));
+    // ASWA's result with recalibration (epochs 3, 4), scored without it; and the last
+    // checkpoint as it is: plain ASWA's step 6 scored epoch_6 as it is.
+    let last_plain = plain["steps"][5]["running_score"].as_f64().unwrap();
+    assert!(close(
+        r["strategies"]["last"]["val_score_without_bn"]
+            .as_f64()
+            .unwrap(),
+        last_plain
+    ));
+    assert!(r["strategies"]["aswa"]["val_score_without_bn"].is_number());
+}
+
+#[test]
+fn a_model_without_batchnorm_makes_the_flag_a_notice() {
+    let dir = tempfile::tempdir().unwrap();
+    cmd()
+        .arg(fixture("kge/checkpoints"))
+        .arg("--val")
+        .arg(fixture("kge/val.npz"))
+        .args(["--metric", "mrr", "--recalibrate-bn"])
+        .arg(fixture("kge/val.npz"))
+        .arg("-o")
+        .arg(dir.path().join("o.safetensors"))
+        .assert()
+        .success()
+        .stderr(contains("no BatchNormalization").and(contains("nothing to do")));
+}
+
+#[test]
+fn calibration_data_of_the_wrong_shape_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("o.safetensors");
+    cmd()
+        .arg(fixture("bn/checkpoints"))
+        .arg("--val")
+        .arg(fixture("bn/val.npz"))
+        .arg("--recalibrate-bn")
+        .arg(fixture("digits/calib.npz"))
+        .arg("-o")
+        .arg(&out)
+        .assert()
+        .code(2)
+        .stderr(
+            contains("calib.npz").and(contains("has shape [300, 64] but model input `x` expects")),
+        );
+    assert!(!out.exists());
+}
+
+#[test]
+fn a_calibration_set_smaller_than_one_batch_is_one_batch() {
+    // 200 rows, batches of 512: one batch; with batches of 200 the result is the same.
+    let (a, ra) = bn_run(&["--calib-batch-size", "512", "--glob", "epoch_3.safetensors"]);
+    let (b, _) = bn_run(&["--calib-batch-size", "200", "--glob", "epoch_3.safetensors"]);
+    assert_eq!(ra["recalibration"]["batch_size"], 512);
+    let (ta, _) = read_st(&a.path().join("out.safetensors"));
+    let (tb, _) = read_st(&b.path().join("out.safetensors"));
+    assert!(ta == tb, "one batch of 200 rows either way");
+    // ... and differs from batches of 64 (statistics depend on the batch composition).
+    let (ref64, _) = read_st(&fixture("bn/expected/recal_epoch_3.safetensors"));
+    assert!(ta["bn2.running_var"] != ref64["bn2.running_var"]);
+}
+
+#[test]
+fn a_calibration_batch_of_one_row_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    cmd()
+        .arg(fixture("digits/checkpoints"))
+        .arg("--val")
+        .arg(fixture("digits/val.npz"))
+        .arg("--recalibrate-bn")
+        .arg(fixture("digits/calib.npz"))
+        .args([
+            "--calib-batch-size",
+            "1",
+            "--glob",
+            "epoch_5.safetensors",
+            "-o",
+        ])
+        .arg(dir.path().join("o.safetensors"))
+        .assert()
+        .code(2)
+        .stderr(contains("unbiased variance needs at least 2"));
+}
