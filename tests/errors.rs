@@ -4,60 +4,11 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use common::*;
 use predicates::prelude::*;
 use predicates::str::contains;
-
-/// A scratch directory with copies of digits checkpoints `epochs`, the model and val.npz.
-struct Case {
-    dir: tempfile::TempDir,
-}
-
-impl Case {
-    fn digits(epochs: &[usize]) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let ck = dir.path().join("checkpoints");
-        std::fs::create_dir_all(&ck).unwrap();
-        for e in epochs {
-            let name = format!("epoch_{e}.safetensors");
-            std::fs::copy(fixture("digits/checkpoints").join(&name), ck.join(&name)).unwrap();
-        }
-        for f in ["model.onnx", "model.onnx.data", "val.npz"] {
-            std::fs::copy(fixture("digits").join(f), dir.path().join(f)).unwrap();
-        }
-        Self { dir }
-    }
-    fn ck(&self) -> PathBuf {
-        self.dir.path().join("checkpoints")
-    }
-    fn path(&self, rel: &str) -> PathBuf {
-        self.dir.path().join(rel)
-    }
-    fn out(&self) -> PathBuf {
-        self.path("out.safetensors")
-    }
-    /// Runs with the given extra args; asserts exit 2, every `needles` in stderr, no output.
-    fn fails(&self, args: &[&str], needles: &[&str]) {
-        let mut c = cmd();
-        c.arg(self.ck()).arg("-o").arg(self.out()).args(args);
-        if !args.contains(&"--val") {
-            c.arg("--val").arg(self.path("val.npz"));
-        }
-        let mut assert = c.assert().code(2);
-        for n in needles {
-            assert = assert.stderr(contains(*n));
-        }
-        assert!(!self.out().exists(), "an output was written");
-        let leftovers: Vec<_> = std::fs::read_dir(self.dir.path())
-            .unwrap()
-            .filter_map(|e| e.ok())
-            .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
-            .collect();
-        assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
-    }
-}
 
 /// Rewrites the checkpoint at `path` after `edit` changes its tensors.
 fn rewrite(path: &Path, edit: impl FnOnce(&mut BTreeMap<String, Tensor>)) {

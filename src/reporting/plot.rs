@@ -191,66 +191,33 @@ fn write_chart(path: &Path, size: (u32, u32), chart: &Chart<'_, '_>) -> Result<(
         path: path.to_path_buf(),
         message,
     };
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    let file_name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "plot".into());
+    let draw_err = |e: Box<dyn std::error::Error>| out_err(format!("cannot draw the chart: {e}"));
     // plotters picks the image format from the backend, the image crate from the name:
     // keep the extension on the temporary file.
-    let tmp = tempfile::Builder::new()
-        .prefix(&format!(".{file_name}."))
-        .suffix(format.suffix())
-        .tempfile_in(dir)
-        .map_err(|e| {
-            out_err(format!(
-                "cannot create a temporary file in {}: {e}",
-                dir.display()
-            ))
-        })?;
-    let _pending = crate::storage::pending::track(tmp.path());
-    let draw_err = |e: Box<dyn std::error::Error>| out_err(format!("cannot draw the chart: {e}"));
-    match format {
-        Format::Svg => {
-            let mut svg = String::new();
-            {
-                let root = SVGBackend::with_string(&mut svg, size).into_drawing_area();
+    crate::storage::writer::atomic_write_with(path, format.suffix(), |tmp| {
+        match format {
+            Format::Svg => {
+                let mut svg = String::new();
+                {
+                    let root = SVGBackend::with_string(&mut svg, size).into_drawing_area();
+                    chart.draw(&root).map_err(draw_err)?;
+                    root.present()
+                        .map_err(|e| out_err(format!("cannot render the SVG: {e}")))?;
+                }
+                let mut file = tmp.as_file();
+                file.write_all(svg.as_bytes())
+                    .and_then(|_| file.flush())
+                    .map_err(|e| out_err(format!("write failed: {e}")))?;
+            }
+            Format::Png => {
+                let root = BitMapBackend::new(tmp.path(), size).into_drawing_area();
                 chart.draw(&root).map_err(draw_err)?;
                 root.present()
-                    .map_err(|e| out_err(format!("cannot render the SVG: {e}")))?;
+                    .map_err(|e| out_err(format!("cannot write the PNG: {e}")))?;
             }
-            let mut file = tmp.as_file();
-            file.write_all(svg.as_bytes())
-                .and_then(|_| file.flush())
-                .map_err(|e| out_err(format!("write failed: {e}")))?;
         }
-        Format::Png => {
-            let root = BitMapBackend::new(tmp.path(), size).into_drawing_area();
-            chart.draw(&root).map_err(draw_err)?;
-            root.present()
-                .map_err(|e| out_err(format!("cannot write the PNG: {e}")))?;
-        }
-    }
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        tmp.as_file()
-            .set_permissions(std::fs::Permissions::from_mode(0o644))
-            .map_err(|e| out_err(format!("cannot set permissions: {e}")))?;
-    }
-    tmp.as_file()
-        .sync_all()
-        .map_err(|e| out_err(format!("sync failed: {e}")))?;
-    tmp.persist(path).map_err(|e| {
-        out_err(format!(
-            "cannot move the finished file into place: {}",
-            e.error
-        ))
-    })?;
-    Ok(())
+        Ok(())
+    })
 }
 
 /// The y range of a chart: the finite values' span, widened by `below`/`above` times

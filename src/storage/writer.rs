@@ -219,6 +219,30 @@ pub fn atomic_write(
     path: &Path,
     write: impl FnOnce(&mut BufWriter<&std::fs::File>) -> std::io::Result<()>,
 ) -> Result<()> {
+    atomic_write_with(path, ".tmp", |tmp| {
+        let mut w = BufWriter::with_capacity(1 << 20, tmp.as_file());
+        write(&mut w).and_then(|_| w.flush()).map_err(|e| {
+            let hint = match e.raw_os_error() {
+                // ENOSPC, EDQUOT, EFBIG
+                Some(28) | Some(122) | Some(27) => " (disk full, quota or file-size limit?)",
+                _ => "",
+            };
+            Error::Output {
+                path: path.to_path_buf(),
+                message: format!("write failed: {e}{hint}; nothing was written"),
+            }
+        })
+    })
+}
+
+/// Like [`atomic_write`], for writers that need the temporary file itself (a path to
+/// render to): `fill` writes it, `suffix` ends its name (some writers choose the
+/// format by extension). The temporary file is removed if the process is interrupted.
+pub fn atomic_write_with(
+    path: &Path,
+    suffix: &str,
+    fill: impl FnOnce(&tempfile::NamedTempFile) -> Result<()>,
+) -> Result<()> {
     let out_err = |message: String| Error::Output {
         path: path.to_path_buf(),
         message,
@@ -233,7 +257,7 @@ pub fn atomic_write(
         .unwrap_or_else(|| "output".into());
     let tmp = tempfile::Builder::new()
         .prefix(&format!(".{file_name}."))
-        .suffix(".tmp")
+        .suffix(suffix)
         .tempfile_in(dir)
         .map_err(|e| {
             out_err(format!(
@@ -242,17 +266,7 @@ pub fn atomic_write(
             ))
         })?;
     let _pending = super::pending::track(tmp.path());
-    {
-        let mut w = BufWriter::with_capacity(1 << 20, tmp.as_file());
-        write(&mut w).and_then(|_| w.flush()).map_err(|e| {
-            let hint = match e.raw_os_error() {
-                // ENOSPC, EDQUOT, EFBIG
-                Some(28) | Some(122) | Some(27) => " (disk full, quota or file-size limit?)",
-                _ => "",
-            };
-            out_err(format!("write failed: {e}{hint}; nothing was written"))
-        })?;
-    }
+    fill(&tmp)?;
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;

@@ -204,20 +204,8 @@ pub fn assert_weights_match(got: &std::path::Path, want: &std::path::Path) {
         assert_eq!(gt.shape, wt.shape, "{name}: shape");
         match wt.dtype {
             safetensors::Dtype::F32 => {
-                let (gv, wv) = (gt.values(), wt.values());
-                let max_abs = wv
-                    .iter()
-                    .fold(0f64, |m, v| m.max(v.abs()))
-                    .max(f64::MIN_POSITIVE);
-                let err = gv
-                    .iter()
-                    .zip(&wv)
-                    .fold(0f64, |m, (a, b)| m.max((a - b).abs()));
-                assert!(
-                    err / max_abs <= 1e-6,
-                    "{name}: relative error {}",
-                    err / max_abs
-                );
+                let err = max_rel_err(&gt.values(), &wt.values());
+                assert!(err <= 1e-6, "{name}: relative error {err}");
             }
             safetensors::Dtype::F16 | safetensors::Dtype::BF16 => {
                 for (i, (a, b)) in gt
@@ -249,4 +237,88 @@ pub fn python() -> PathBuf {
         venv.display()
     );
     venv
+}
+
+/// A scratch directory with copies of digits checkpoints `epochs`, the model and val.npz.
+pub struct Case {
+    pub dir: tempfile::TempDir,
+}
+
+impl Case {
+    pub fn digits(epochs: &[usize]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let ck = dir.path().join("checkpoints");
+        std::fs::create_dir_all(&ck).unwrap();
+        for e in epochs {
+            let name = format!("epoch_{e}.safetensors");
+            std::fs::copy(fixture("digits/checkpoints").join(&name), ck.join(&name)).unwrap();
+        }
+        for f in ["model.onnx", "model.onnx.data", "val.npz"] {
+            std::fs::copy(fixture("digits").join(f), dir.path().join(f)).unwrap();
+        }
+        Self { dir }
+    }
+    pub fn ck(&self) -> PathBuf {
+        self.dir.path().join("checkpoints")
+    }
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+    pub fn out(&self) -> PathBuf {
+        self.path("out.safetensors")
+    }
+    pub fn snapshot(&self) -> Vec<(PathBuf, Vec<u8>)> {
+        let mut files: Vec<(PathBuf, Vec<u8>)> = walk(self.dir.path())
+            .into_iter()
+            .filter(|p| p != &self.out())
+            .map(|p| {
+                let b = std::fs::read(&p).unwrap();
+                (p, b)
+            })
+            .collect();
+        files.sort();
+        files
+    }
+    pub fn command(&self, args: &[&str]) -> assert_cmd::Command {
+        let mut c = cmd();
+        c.arg(self.ck()).arg("-o").arg(self.out()).args(args);
+        if !args.contains(&"--val") {
+            c.arg("--val").arg(self.path("val.npz"));
+        }
+        c
+    }
+    /// Exit 2, every needle in stderr, no output, no temporary file, inputs untouched.
+    pub fn fails(&self, args: &[&str], needles: &[&str]) {
+        let before = self.snapshot();
+        let mut a = self.command(args).assert().code(2);
+        for n in needles {
+            a = a.stderr(predicates::str::contains(*n));
+        }
+        assert!(!self.out().exists(), "an output was written");
+        let after = self.snapshot();
+        assert!(before == after, "inputs changed or files were left behind");
+    }
+}
+
+pub fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// Max abs error over max abs value of `want` (the relative error the tolerances use).
+pub fn max_rel_err(got: &[f64], want: &[f64]) -> f64 {
+    let max_abs = want.iter().fold(0f64, |m, v| m.max(v.abs())).max(1e-12);
+    let err = got
+        .iter()
+        .zip(want)
+        .fold(0f64, |m, (a, b)| m.max((a - b).abs()));
+    err / max_abs
 }
