@@ -438,7 +438,9 @@ fn remove_pending_on_interrupt() {
             if let Some(sig) = signals.forever().next() {
                 crate::storage::pending::remove_all();
                 eprintln!("interrupted (signal {sig}): the files being written were removed");
-                std::process::exit(128 + sig);
+                // Exit without running destructors: ONNX Runtime may be mid-run on the
+                // main thread, and tearing it down under it only adds noise.
+                signal_hook::low_level::exit(128 + sig);
             }
         });
     }
