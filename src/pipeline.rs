@@ -355,6 +355,9 @@ pub fn run(cfg: &MergeConfig) -> Result<RunOutcome> {
             aswa_steps = outcome.steps;
         }
         if let Destination::Dir(d) = &cfg.destination {
+            for c in set.checkpoints() {
+                c.check_unchanged()?;
+            }
             let path = d.join(format!("{name}.safetensors"));
             let meta = report.metadata(&result, format.as_deref());
             let finished = cache.scorer().finalize(set, merged.candidate())?;

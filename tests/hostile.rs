@@ -323,3 +323,56 @@ fn an_interrupted_write_leaves_the_previous_output_and_no_temporary_file() {
         assert!(!tmp_exists(), "{signal}: temporary file left behind");
     }
 }
+
+#[test]
+fn an_npz_declaring_a_huge_array_is_refused_without_allocating_it() {
+    // Found by the npz fuzz target: a 458-byte file whose header declares 4 TB.
+    let case = Case::digits(&[1, 2]);
+    let huge = root().join("fuzz/artifacts/npz/repro-huge-shape.npz");
+    case.fails(
+        &["--val", huge.to_str().unwrap()],
+        &[
+            "repro-huge-shape.npz",
+            "array `x`",
+            "header declares",
+            "damaged or truncated",
+        ],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    cmd()
+        .arg(fixture("kge/checkpoints"))
+        .arg("--val")
+        .arg(fixture("kge/val.npz"))
+        .args(["--metric", "mrr", "--filter"])
+        .arg(root().join("fuzz/artifacts/npz/repro-huge-indptr.npz"))
+        .arg("-o")
+        .arg(dir.path().join("o.safetensors"))
+        .assert()
+        .code(2)
+        .stderr(contains("header declares"));
+}
+
+#[test]
+fn external_data_outside_the_models_folder_is_refused() {
+    use aswa_merge::scoring::onnx::proto;
+    use prost::Message;
+    let case = Case::digits(&[1, 2]);
+    let model_path = case.path("model.onnx");
+    let mut model =
+        proto::ModelProto::decode(std::fs::read(&model_path).unwrap().as_slice()).unwrap();
+    let graph = model.graph.as_mut().unwrap();
+    // A constant initializer the tool would inline, pointing at a file outside the folder.
+    let mut secret = graph.initializer[0].clone();
+    secret.name = Some("leak".into());
+    secret.dims = vec![1];
+    secret.data_type = Some(proto::tensor_proto::DataType::Int64 as i32);
+    secret.raw_data = None;
+    secret.data_location = Some(proto::tensor_proto::DataLocation::External as i32);
+    secret.external_data = vec![proto::StringStringEntryProto {
+        key: Some("location".into()),
+        value: Some("../../etc/hostname".into()),
+    }];
+    graph.initializer.push(secret);
+    std::fs::write(&model_path, model.encode_to_vec()).unwrap();
+    case.fails(&[], &["initializer `leak`", "refusing to read outside it"]);
+}

@@ -224,6 +224,7 @@ impl Npz {
                 ),
             ));
         }
+        check_declared_size(&self.path, name)?;
         macro_rules! attempt {
             ($t:ty, $variant:ident) => {
                 match self.read::<$t>(name)? {
@@ -256,6 +257,78 @@ impl Npz {
             Err(e) => Err(Error::data(&self.path, format!("array `{name}`: {e}"))),
         }
     }
+}
+
+/// Refuses an array whose `.npy` header declares more data than its archive entry can
+/// hold: the npy reader allocates the declared size before reading, so a damaged or
+/// hostile file of a few bytes could otherwise exhaust memory. Headers this check cannot
+/// parse are left to the reader, which validates them.
+fn check_declared_size(path: &Path, name: &str) -> Result<()> {
+    use std::io::Read;
+    let bad = |m: String| Error::data(path, format!("array `{name}`: {m}"));
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut zip =
+        zip::ZipArchive::new(file).map_err(|e| bad(format!("not a valid archive ({e})")))?;
+    let npy_name = format!("{name}.npy");
+    let entry_name = if zip.index_for_name(name).is_some() {
+        name
+    } else {
+        &npy_name
+    };
+    let Ok(mut entry) = zip.by_name(entry_name) else {
+        return Ok(());
+    };
+    let (size, compressed) = (entry.size(), entry.compressed_size());
+    let mut head = Vec::new();
+    (&mut entry)
+        .take(1 << 16)
+        .read_to_end(&mut head)
+        .map_err(|e| bad(format!("cannot read it ({e})")))?;
+    let Some((header_end, declared)) = npy_declared_bytes(&head) else {
+        return Ok(());
+    };
+    // Deflate cannot expand data more than about 1032 times.
+    let holds = size.min(compressed.saturating_mul(1032).saturating_add(1 << 16));
+    let available = holds.saturating_sub(header_end as u64);
+    if declared > available {
+        return Err(bad(format!(
+            "its header declares {declared} bytes of data but the file holds at most {available}: \
+             the file is damaged or truncated"
+        )));
+    }
+    Ok(())
+}
+
+/// From the start of a `.npy` file: where the header ends and the bytes of data it
+/// declares (shape × item size); `None` when the header is not in a form we parse.
+fn npy_declared_bytes(head: &[u8]) -> Option<(usize, u64)> {
+    if head.get(..6)? != b"\x93NUMPY" {
+        return None;
+    }
+    let (len, start) = match head.get(6)? {
+        1 => (
+            u16::from_le_bytes([*head.get(8)?, *head.get(9)?]) as usize,
+            10,
+        ),
+        _ => (
+            u32::from_le_bytes(head.get(8..12)?.try_into().ok()?) as usize,
+            12,
+        ),
+    };
+    let header = std::str::from_utf8(head.get(start..start + len)?).ok()?;
+    let descr = header.split("'descr':").nth(1)?;
+    let descr = descr.split('\'').nth(1)?;
+    let item: u64 = descr
+        .trim_start_matches(|c: char| !c.is_ascii_digit())
+        .parse()
+        .ok()?;
+    let shape = header.split("'shape':").nth(1)?;
+    let shape = shape.split('(').nth(1)?.split(')').next()?;
+    let mut count: u64 = 1;
+    for dim in shape.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        count = count.checked_mul(dim.parse().ok()?)?;
+    }
+    Some((start + len, count.saturating_mul(item)))
 }
 
 /// Labels for the metric: class indices, or target values.

@@ -540,7 +540,21 @@ fn inline_external(t: &mut proto::TensorProto, base: &Path, model_path: &Path) -
         }
     }
     let location = location.ok_or_else(|| bad("external data without a location".into()))?;
-    let file_path = base.join(&location);
+    let relative = Path::new(&location);
+    if relative.is_absolute()
+        || relative.components().any(|c| {
+            !matches!(
+                c,
+                std::path::Component::Normal(_) | std::path::Component::CurDir
+            )
+        })
+    {
+        return Err(bad(format!(
+            "external data location `{location}` is not a file name inside the model's folder; \
+             refusing to read outside it"
+        )));
+    }
+    let file_path = base.join(relative);
     let mut f = std::fs::File::open(&file_path).map_err(|e| {
         bad(format!(
             "cannot open its external data file {}: {e} (keep the `.data` file beside the model)",

@@ -225,6 +225,8 @@ pub fn atomic_write(
             let hint = match e.raw_os_error() {
                 // ENOSPC, EDQUOT, EFBIG
                 Some(28) | Some(122) | Some(27) => " (disk full, quota or file-size limit?)",
+                // EFAULT: reading a memory-mapped page that no longer exists
+                Some(14) => " (was a checkpoint truncated while it was being read?)",
                 _ => "",
             };
             Error::Output {
