@@ -447,15 +447,18 @@ fn remove_pending_on_interrupt() {
 }
 
 /// A checkpoint truncated by another process while it is memory-mapped makes the next
-/// read of the missing pages raise SIGBUS. Instead of dying with "Bus error", say what
-/// happened and exit with the bad-input code. (Only async-signal-safe calls here.)
+/// read of the missing pages raise SIGBUS. Instead of dying with "Bus error", remove the
+/// files being written, say what happened and exit with the bad-input code. (Only
+/// async-signal-safe calls here.)
 fn explain_sigbus() {
     const MSG: &[u8] =
         b"error: a checkpoint file was truncated or rewritten in place while it was being read \
 (SIGBUS); rerun when it is complete. The output path was not written.\n";
-    // SAFETY: the handler only calls write(2) and _exit(2), both async-signal-safe.
+    // SAFETY: the handler only calls unlink(2) (through pending::remove_all, which takes
+    // no lock and does not allocate), write(2) and _exit(2): all async-signal-safe.
     let _ = unsafe {
         signal_hook::low_level::register(signal_hook::consts::SIGBUS, || {
+            crate::storage::pending::remove_all();
             libc::write(2, MSG.as_ptr().cast(), MSG.len());
             signal_hook::low_level::exit(i32::from(EXIT_BAD_INPUT));
         })
