@@ -12,6 +12,7 @@
 use half::{bf16, f16};
 use rayon::prelude::*;
 
+use crate::storage::dtype::{bf16_from_f64, f16_from_f64};
 use crate::storage::{CheckpointSet, DType};
 
 /// Elements per parallel work item: large enough to amortise scheduling, small enough
@@ -99,11 +100,11 @@ impl Weights {
             Some(FloatBuf::F16(o)) if o.len() == values.len() => o
                 .iter_mut()
                 .zip(values)
-                .for_each(|(o, v)| *o = f16::from_f64(*v)),
+                .for_each(|(o, v)| *o = f16_from_f64(*v)),
             Some(FloatBuf::BF16(o)) if o.len() == values.len() => o
                 .iter_mut()
                 .zip(values)
-                .for_each(|(o, v)| *o = bf16::from_f64(*v)),
+                .for_each(|(o, v)| *o = bf16_from_f64(*v)),
             _ => return Err(wrong()),
         }
         Ok(())
@@ -135,8 +136,8 @@ impl Weights {
             let dtype = set.specs()[t].dtype;
             let sources: Vec<&[u8]> = members.iter().map(|&c| set.tensor_bytes(c, t)).collect();
             match buf {
-                FloatBuf::F16(o) => build_chunks(o, dtype, &sources, recipe, f16::from_f64),
-                FloatBuf::BF16(o) => build_chunks(o, dtype, &sources, recipe, bf16::from_f64),
+                FloatBuf::F16(o) => build_chunks(o, dtype, &sources, recipe, f16_from_f64),
+                FloatBuf::BF16(o) => build_chunks(o, dtype, &sources, recipe, bf16_from_f64),
                 FloatBuf::F32(o) => build_chunks(o, dtype, &sources, recipe, |v| v as f32),
                 FloatBuf::F64(o) => build_chunks(o, dtype, &sources, recipe, |v| v),
             }
@@ -271,8 +272,8 @@ impl Accumulator {
             let dtype = set.specs()[t].dtype;
             let extra_bytes = extra.map(|c| set.tensor_bytes(c, t));
             match buf {
-                FloatBuf::F16(o) => mean_chunks(o, sum, dtype, extra_bytes, n, f16::from_f64),
-                FloatBuf::BF16(o) => mean_chunks(o, sum, dtype, extra_bytes, n, bf16::from_f64),
+                FloatBuf::F16(o) => mean_chunks(o, sum, dtype, extra_bytes, n, f16_from_f64),
+                FloatBuf::BF16(o) => mean_chunks(o, sum, dtype, extra_bytes, n, bf16_from_f64),
                 FloatBuf::F32(o) => mean_chunks(o, sum, dtype, extra_bytes, n, |v| v as f32),
                 FloatBuf::F64(o) => mean_chunks(o, sum, dtype, extra_bytes, n, |v| v),
             }

@@ -447,7 +447,7 @@ fn prepare(from: DType, to: ElemType, bytes: &[u8], s: &mut Scratch) -> Source {
         ElemType::BF16 => {
             s.bf16.resize(n, bf16::ZERO);
             for (i, o) in s.bf16.iter_mut().enumerate() {
-                *o = bf16::from_f64(read_f64(from, bytes, i));
+                *o = crate::storage::dtype::bf16_from_f64(read_f64(from, bytes, i));
             }
         }
         _ => {

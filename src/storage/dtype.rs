@@ -108,6 +108,50 @@ fn le<const N: usize>(bytes: &[u8], i: usize) -> [u8; N] {
     out
 }
 
+/// `v` rounded once to `f16`, to nearest-even: the same result as `f16::from_f64`, with
+/// a fast path for values in the normal range (the averaging hot loop).
+#[inline]
+pub fn f16_from_f64(v: f64) -> f16 {
+    f16::from_bits(round_f64(v, 15, 10, 0x7c00).unwrap_or_else(|| f16::from_f64(v).to_bits()))
+}
+
+/// `v` rounded once to `bf16`, to nearest-even: the same result as `bf16::from_f64`, with
+/// a fast path for values in the normal range.
+#[inline]
+pub fn bf16_from_f64(v: f64) -> bf16 {
+    bf16::from_bits(round_f64(v, 127, 7, 0x7f80).unwrap_or_else(|| bf16::from_f64(v).to_bits()))
+}
+
+/// Rounds `v` to nearest-even into a 16-bit float with exponent `bias` and `mant`
+/// mantissa bits (`inf` is its infinity's bit pattern); `None` outside the normal range
+/// (zeros, subnormals, infinities, NaN), which the caller converts the slow way.
+#[inline]
+fn round_f64(v: f64, bias: i32, mant: u32, inf: u16) -> Option<u16> {
+    let bits = v.to_bits();
+    let exp = ((bits >> 52) & 0x7ff) as i32 - 1023;
+    if !(1 - bias..=bias).contains(&exp) {
+        return None;
+    }
+    let sign = ((bits >> 63) as u16) << 15;
+    let shift = 52 - mant;
+    let fraction = bits & ((1u64 << 52) - 1);
+    let mut m = (fraction >> shift) as u32;
+    let rest = fraction & ((1u64 << shift) - 1);
+    let half = 1u64 << (shift - 1);
+    let mut e = (exp + bias) as u32;
+    if rest > half || (rest == half && m & 1 == 1) {
+        m += 1;
+        if m == 1 << mant {
+            m = 0;
+            e += 1;
+        }
+    }
+    if e >= (2 * bias + 1) as u32 {
+        return Some(sign | inf);
+    }
+    Some(sign | (e << mant) as u16 | m as u16)
+}
+
 /// Converts little-endian float bytes of `from` into `f32` values (exact for f16,
 /// bf16 and f32; rounded to nearest-even for f64).
 pub fn to_f32(from: DType, bytes: &[u8], out: &mut [f32]) {
@@ -119,7 +163,7 @@ pub fn to_f32(from: DType, bytes: &[u8], out: &mut [f32]) {
 /// Converts little-endian float bytes of `from` into `f16` values (round to nearest-even).
 pub fn to_f16(from: DType, bytes: &[u8], out: &mut [f16]) {
     for (i, o) in out.iter_mut().enumerate() {
-        *o = f16::from_f64(read_f64(from, bytes, i));
+        *o = f16_from_f64(read_f64(from, bytes, i));
     }
 }
 
@@ -136,8 +180,8 @@ pub fn convert_bytes(from: DType, to: DType, bytes: &[u8]) -> Vec<u8> {
         match to {
             DType::F32 => out.extend_from_slice(&(v as f32).to_le_bytes()),
             DType::F64 => out.extend_from_slice(&v.to_le_bytes()),
-            DType::F16 => out.extend_from_slice(&f16::from_f64(v).to_le_bytes()),
-            DType::BF16 => out.extend_from_slice(&bf16::from_f64(v).to_le_bytes()),
+            DType::F16 => out.extend_from_slice(&f16_from_f64(v).to_le_bytes()),
+            DType::BF16 => out.extend_from_slice(&bf16_from_f64(v).to_le_bytes()),
             // Integer tensors are only ever bound to their own type.
             _ => return bytes.to_vec(),
         }
@@ -188,6 +232,65 @@ mod tests {
             bf16::from_f32(0.1).to_le_bytes()
         );
         assert_eq!(convert_bytes(DType::F32, DType::F32, &x), x);
+    }
+
+    /// The representable value nearest to `v` among the neighbours of `guess` (ties to
+    /// the even bit pattern): an exact reference for finite, in-range `v`.
+    fn nearest(v: f64, guess: u16, decode: impl Fn(u16) -> f64) -> u16 {
+        let mut best = guess;
+        for c in [guess.wrapping_sub(1), guess, guess.wrapping_add(1)] {
+            let (d, db) = ((decode(c) - v).abs(), (decode(best) - v).abs());
+            if !decode(c).is_finite() || (c ^ guess) & 0x8000 != 0 {
+                continue;
+            }
+            if d < db || (d == db && c & 1 == 0) {
+                best = c;
+            }
+        }
+        best
+    }
+
+    #[test]
+    fn fast_half_rounding_is_exact_round_to_nearest_even() {
+        // Every finite f16/bf16 value, the midpoints between neighbours, and points just
+        // off them. `half`'s bf16::from_f64 rounds through f32 (double rounding), so the
+        // reference is the nearest neighbour computed here.
+        let mut values = vec![65504.0, 65519.99, 65520.0, 3.38e38, 1.0, -1.0, 0.1, -3.0e-3];
+        for b in 0..=u16::MAX {
+            for (x, next) in [
+                (
+                    f16::from_bits(b).to_f64(),
+                    f16::from_bits(b.wrapping_add(1)).to_f64(),
+                ),
+                (
+                    bf16::from_bits(b).to_f64(),
+                    bf16::from_bits(b.wrapping_add(1)).to_f64(),
+                ),
+            ] {
+                if x.is_finite() && next.is_finite() {
+                    values.extend([x, x * (1.0 + 1e-9), x * (1.0 - 1e-9), (x + next) / 2.0]);
+                }
+            }
+        }
+        for v in values {
+            let a = f16_from_f64(v);
+            if v.abs() >= 6.103515625e-5 && v.abs() < 65520.0 {
+                let want = nearest(v, a.to_bits(), |b| f16::from_bits(b).to_f64());
+                assert_eq!(a.to_bits(), want, "f16 {v:e}");
+            }
+            if v.abs() >= 1.1754943508222875e-38 && v.abs() < 3.3895313892515355e38 {
+                let a = bf16_from_f64(v);
+                let want = nearest(v, a.to_bits(), |b| bf16::from_bits(b).to_f64());
+                assert_eq!(a.to_bits(), want, "bf16 {v:e}");
+            }
+        }
+        // Out of the normal range the slow path of `half` is used.
+        assert!(f16_from_f64(f64::NAN).is_nan() && bf16_from_f64(f64::NAN).is_nan());
+        assert_eq!(f16_from_f64(1e6), f16::INFINITY);
+        assert_eq!(bf16_from_f64(-1e300), bf16::NEG_INFINITY);
+        assert_eq!(f16_from_f64(0.0).to_bits(), 0);
+        assert_eq!(f16_from_f64(65520.0), f16::INFINITY);
+        assert_eq!(f16_from_f64(65519.99).to_f64(), 65504.0);
     }
 
     #[test]

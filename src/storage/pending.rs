@@ -71,23 +71,6 @@ pub fn remove_all() {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn tracked_files_are_removed_and_untracked_ones_kept() {
-        let dir = tempfile::tempdir().unwrap();
-        let a = dir.path().join("a.tmp");
-        let b = dir.path().join("b.tmp");
-        std::fs::write(&a, b"a").unwrap();
-        std::fs::write(&b, b"b").unwrap();
-        let _ga = track(&a);
-        {
-            let _gb = track(&b);
-        }
-        remove_all();
-        assert!(!a.exists(), "tracked file removed");
-        assert!(b.exists(), "a file whose guard was dropped is left alone");
-    }
-}
+// Tested end to end (a unit test calling `remove_all` would delete the temporary files
+// of tests running in parallel in the same process): tests/hostile.rs interrupts the
+// binary mid-write; fuzz/repro/sigbus_during_write.py truncates a checkpoint under it.
