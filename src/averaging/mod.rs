@@ -328,11 +328,16 @@ fn for_each_value(dtype: DType, bytes: &[u8], mut f: impl FnMut(usize, f64)) {
         DType::F16 => bytes
             .chunks_exact(2)
             .enumerate()
-            .for_each(|(i, c)| f(i, f16::from_le_bytes([c[0], c[1]]).to_f64())),
-        DType::BF16 => bytes
-            .chunks_exact(2)
-            .enumerate()
-            .for_each(|(i, c)| f(i, bf16::from_le_bytes([c[0], c[1]]).to_f64())),
+            .for_each(|(i, c)| f(i, f64::from(f16::from_le_bytes([c[0], c[1]]).to_f32()))),
+        // bf16 is the upper half of an f32: widening is a shift, exact for every value.
+        DType::BF16 => bytes.chunks_exact(2).enumerate().for_each(|(i, c)| {
+            f(
+                i,
+                f64::from(f32::from_bits(
+                    u32::from(u16::from_le_bytes([c[0], c[1]])) << 16,
+                )),
+            )
+        }),
         _ => {}
     }
 }
