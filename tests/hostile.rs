@@ -376,3 +376,88 @@ fn external_data_outside_the_models_folder_is_refused() {
     std::fs::write(&model_path, model.encode_to_vec()).unwrap();
     case.fails(&[], &["initializer `leak`", "refusing to read outside it"]);
 }
+
+#[test]
+fn a_checkpoint_with_an_extra_tensor_names_it() {
+    let case = Case::digits(&[1, 2, 3]);
+    let p = case.ck().join("epoch_3.safetensors");
+    let (mut t, _) = read_st(&p);
+    let extra = t["fc2.bias"].clone();
+    t.insert("head.extra".into(), extra);
+    write_st(&p, &t);
+    case.fails(
+        &[],
+        &[
+            "epoch_3.safetensors",
+            "tensor `head.extra` is not in",
+            "epoch_1.safetensors",
+        ],
+    );
+}
+
+#[test]
+fn an_operator_onnx_runtime_does_not_know_is_reported() {
+    use aswa_merge::scoring::onnx::proto;
+    use prost::Message;
+    let case = Case::digits(&[1, 2]);
+    let model_path = case.path("model.onnx");
+    let mut model =
+        proto::ModelProto::decode(std::fs::read(&model_path).unwrap().as_slice()).unwrap();
+    let graph = model.graph.as_mut().unwrap();
+    let out = graph.output[0].name().to_string();
+    // Route the output through an operator from a domain ONNX Runtime has never heard of.
+    for n in &mut graph.node {
+        for o in &mut n.output {
+            if *o == out {
+                *o = "before_custom".into();
+            }
+        }
+    }
+    graph.node.push(proto::NodeProto {
+        op_type: Some("FancyActivation".into()),
+        domain: Some("com.example".into()),
+        input: vec!["before_custom".into()],
+        output: vec![out],
+        ..Default::default()
+    });
+    model.opset_import.push(proto::OperatorSetIdProto {
+        domain: Some("com.example".into()),
+        version: Some(1),
+    });
+    std::fs::write(&model_path, model.encode_to_vec()).unwrap();
+    case.fails(
+        &[],
+        &[
+            "model.onnx",
+            "ONNX Runtime cannot load the model",
+            "FancyActivation",
+        ],
+    );
+}
+
+#[test]
+fn floats_are_never_truncated_into_an_integer_model_input() {
+    // The knowledge-graph model takes int64 entity and relation ids.
+    let dir = tempfile::tempdir().unwrap();
+    let val = dir.path().join("val.npz");
+    let mut w = ndarray_npy::NpzWriter::new(std::fs::File::create(&val).unwrap());
+    let h = ndarray::Array1::<f32>::from(vec![0.0, 1.5, 2.0]);
+    let r = ndarray::Array1::<i64>::from(vec![0, 1, 2]);
+    let y = ndarray::Array1::<i64>::from(vec![1, 2, 3]);
+    w.add_array("h", &h).unwrap();
+    w.add_array("r", &r).unwrap();
+    w.add_array("y", &y).unwrap();
+    w.finish().unwrap();
+    cmd()
+        .arg(fixture("kge/checkpoints"))
+        .arg("--val")
+        .arg(&val)
+        .args(["--metric", "mrr", "-o"])
+        .arg(dir.path().join("o.safetensors"))
+        .assert()
+        .code(2)
+        .stderr(
+            contains("array `h` is float32 but model input `h` takes I64")
+                .and(contains("never truncated")),
+        );
+}
