@@ -86,6 +86,7 @@ def main() -> int:
             by.setdefault(r["variant"], []).append(r)
         rust = med([r["wall"] for r in by.get("rust", [])])
         py_parts = {}
+        ratios_best = []
         for v in ("py-inputs", "py-sessions"):
             parts = []
             for r in by.get(v, []):
@@ -104,9 +105,11 @@ def main() -> int:
         cpu = lambda rs: med([r.get("user", 0) + r.get("sys", 0) for r in rs])  # noqa: E731
         rust_cpu = cpu(by.get("rust", []))
         rust_run = med([r.get("run_seconds") for r in by.get("rust", [])])
-        p("| pipeline | median wall s | runs (wall s) | Python / aswa-merge (wall) | CPU s (user+sys) | in ORT Run / session.run s | session builds s | averaging s | reading s | decisions | weights |")
-        p("|---|---|---|---|---|---|---|---|---|---|---|")
-        p(f"| aswa-merge | {fmt(rust)} | {', '.join(fmt(r['wall']) for r in by.get('rust', []))} | 1 | {fmt(rust_cpu, '.1f')} | {fmt(rust_run)} | | | | | |")
+        rust_out = med([r["wall"] - r["run_seconds"] for r in by.get("rust", []) if "run_seconds" in r])
+        p("| pipeline | median wall s | runs (wall s) | Python / aswa-merge (median wall) | CPU s (user+sys) | in ORT Run / session.run s | outside them s | session builds s | averaging s | reading s | decisions | weights |")
+        p("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        rust_min = min([r["wall"] for r in by.get("rust", [])], default=None)
+        p(f"| aswa-merge | {fmt(rust)} | {', '.join(fmt(r['wall']) for r in by.get('rust', []))} | 1 | {fmt(rust_cpu, '.1f')} | {fmt(rust_run)} | {fmt(rust_out)} | | | | | |")
         for v, name in (("py-inputs", "Python, one session, weights as inputs"),
                         ("py-sessions", "Python, a session per candidate")):
             rs = by.get(v, [])
@@ -119,11 +122,21 @@ def main() -> int:
             dec = "same" if checks and all(c.get("decisions_differ") == 0 for c in checks) else "DIFFER"
             wts = "same bits" if checks and all(c.get("weights_differ") == 0 for c in checks) else "DIFFER"
             ratio = w / rust if rust else None
-            p(f"| {name} | {fmt(w)} | {', '.join(fmt(r['wall']) for r in rs)} | **{fmt(ratio)}** | {fmt(cpu(rs), '.1f')} | {fmt(pm('run'))} | "
+            best = min(r["wall"] for r in rs) / rust_min if rust_min else None
+            outs = []
+            for r in rs:
+                try:
+                    with open(r["pyjson"]) as fh:
+                        outs.append(r["wall"] - json.load(fh)["parts"].get("run", 0.0))
+                except (OSError, KeyError, json.JSONDecodeError):
+                    pass
+            p(f"| {name} | {fmt(w)} | {', '.join(fmt(r['wall']) for r in rs)} | **{fmt(ratio)}** | {fmt(cpu(rs), '.1f')} | {fmt(pm('run'))} | {fmt(med(outs))} | "
               f"{fmt(pm('session'))} | {fmt(pm('average'))} | {fmt(pm('read'))} | {dec} | {wts} |")
             if ratio is not None:
                 goals.append((f"end to end vs {name}: aswa-merge ≥ 3× faster", ratio, ratio >= 3))
+            ratios_best.append(f"{name}: {fmt(best)}")
         p("")
+        p("Ratio of the fastest runs (best of each, less sensitive to other load): " + "; ".join(ratios_best) + ".\n")
 
     # 3. Outside ORT.
     fr = [r for r in recs if r.get("group") == "e2e" and r.get("variant") == "rust" and "run_seconds" in r]
@@ -192,24 +205,56 @@ def main() -> int:
     ref = [r for r in recs if r.get("group") == "e2e" and r.get("variant") == "rust" and "n" in r]
     if sc and ref:  # the reference point belongs to both the N and the rows axis
         sc = sc + [dict(r, axis="N") for r in ref] + [dict(r, axis="rows") for r in ref]
-        order = {"N": 0, "rows": 1, "params": 2}
-        sc.sort(key=lambda r: (order.get(r["axis"], 9), r["n"] if r["axis"] == "N" else
-                               r["rows"] if r["axis"] == "rows" else r["params"]))
+    order = {"N": 0, "rows": 1, "params": 2}
+    sc.sort(key=lambda r: (order.get(r["axis"], 9), r["n"] if r["axis"] == "N" else
+                           r["rows"] if r["axis"] == "rows" else r["params"]))
     if sc:
         p("## 5. How time grows (aswa-merge, with the timing shim)\n")
-        p("| axis | checkpoints | candidates | parameters | validation rows | median wall s | Σ Run s | outside ORT | per candidate ms |")
-        p("|---|---|---|---|---|---|---|---|---|")
+        p(f"Median and fastest of {args.reps} runs; `load` is the median 1-minute load average when the "
+          "runs started (the machine has 2 CPUs; other work was running).\n")
+        p("| axis | checkpoints | candidates | parameters | validation rows | median wall s | fastest s | Σ Run s (median) | outside ORT | per candidate ms (fastest) | load |")
+        p("|---|---|---|---|---|---|---|---|---|---|---|")
         groups = {}
         for r in sc:
             groups.setdefault((r["axis"], r["n"], r["params"], r["rows"]), []).append(r)
         for (axis, n, params, rows), rs in groups.items():
             w = med([r["wall"] for r in rs])
+            best = min(r["wall"] for r in rs)
             run = med([r.get("run_seconds") for r in rs])
             out_f = med([(r["wall"] - r["run_seconds"]) / r["wall"] for r in rs if "run_seconds" in r])
             cands = 2 * n - 1
-            p(f"| {axis} | {n} | {cands} | {params / 1e6:.1f} M | {rows} | {fmt(w)} | {fmt(run)} | "
-              f"{fmt(None if out_f is None else 100 * out_f, '.1f')}% | {fmt(1000 * w / cands, '.0f')} |")
+            p(f"| {axis} | {n} | {cands} | {params / 1e6:.1f} M | {rows} | {fmt(w)} | {fmt(best)} | {fmt(run)} | "
+              f"{fmt(None if out_f is None else 100 * out_f, '.1f')}% | {fmt(1000 * best / cands, '.0f')} | "
+              f"{fmt(med([r.get('load') for r in rs]), '.1f')} |")
         p("")
+        spy = [r for r in recs if r.get("group") == "scale-py"]
+        pye = [r for r in recs if r.get("group") == "e2e" and r.get("variant", "").startswith("py-")]
+        if spy:
+            p("Python pipeline along the validation-size axis (same checkpoints; decisions checked against the "
+              "tool's report of the same configuration):\n")
+            p("| validation rows | aswa-merge median s | Python inputs median s | ratio | Python sessions median s | ratio | decisions |")
+            p("|---|---|---|---|---|---|---|")
+            rows_all = sorted({r["rows"] for r in spy} | {r["rows"] for r in ref})
+            for rows in rows_all:
+                rr = [r for r in sc if r["axis"] == "rows" and r["rows"] == rows]
+                rw = med([r["wall"] for r in rr])
+                cells = []
+                checks = []
+                for v in ("py-inputs", "py-sessions"):
+                    rs = [r for r in spy if r["rows"] == rows and r["variant"] == v]
+                    if not rs and ref and rows == ref[0]["rows"]:
+                        rs = [r for r in pye if r["variant"] == v]
+                    w = med([r["wall"] for r in rs])
+                    cells += [fmt(w), fmt(w / rw if w and rw else None)]
+                    for r in rs:
+                        try:
+                            with open(r["pyjson"]) as f:
+                                checks.append(json.load(f).get("check", {}).get("decisions_differ"))
+                        except (OSError, KeyError, json.JSONDecodeError):
+                            checks.append(None)
+                dec = "same" if checks and all(c == 0 for c in checks) else "DIFFER/unknown"
+                p(f"| {rows} | {fmt(rw)} | " + " | ".join(cells) + f" | {dec} |")
+            p("")
 
     # 4. RSS.
     rss = [r for r in recs if r.get("group") == "rss"]

@@ -57,6 +57,7 @@ say "machine"
   echo "memory: $(awk '/MemTotal/ {printf "%.1f GiB", $2/1048576}' /proc/meminfo)"
   echo "kernel: $(uname -sr)"
   echo "rustc: $(rustc --version)"
+  echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git status --porcelain -- src Cargo.toml 2>/dev/null | grep -q . && echo ' (with uncommitted changes in src/ or Cargo.toml)')"
   echo "python: $("$PYTHON" -c 'import sys, numpy, onnx, onnxruntime; print(sys.version.split()[0], "numpy", numpy.__version__, "onnx", onnx.__version__, "onnxruntime", onnxruntime.__version__)')"
   echo "onnxruntime library: $ORT_DYLIB_PATH"
   echo "load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
@@ -168,28 +169,40 @@ fi
 
 # ---------------------------------------------------------------------------------------
 # 5. How time grows with N, model size and validation size (the tool, with the shim).
+# Repetitions are the outer loop, so that load from other work drifts over all the
+# configurations alike. Along the validation-size axis the Python pipeline (both modes)
+# runs too, checked against the tool's report of the same configuration.
 if ! skip scale; then
-  say "5. scaling (the tool with the timing shim)"
-  scale_run() {  # axis value set ckpts val
-    local axis=$1 value=$2 set=$3 ck=$4 val=$5 n params rows
-    n=$(find -L "$ck" -name '*.safetensors' | wc -l)
-    params=$(params_of "$set")
-    rows=$("$PYTHON" -c "import numpy as np,sys; print(np.load(sys.argv[1])['y'].shape[0])" "$set/$val")
-    for r in $(seq "$REPS"); do
+  say "5. scaling (the tool with the timing shim; Python along the validation-size axis)"
+  configs=()  # "axis value set ckpts val"
+  for k in $N_AXIS; do configs+=("N $k $E2E $E2E/checkpoints_$k val.npz"); done
+  for v in ${VAL_ROWS//,/ }; do configs+=("rows $v $E2E $E2E/checkpoints val_$v.npz"); done
+  for s in "$SMALL" "$E2E" "$LARGE"; do
+    ck="$s/checkpoints"; val=val.npz
+    if [ "$s" = "$E2E" ]; then val="$SIZE_VAL"; [ "$SIZE_N" != "$E2E_N" ] && ck="$s/checkpoints_$SIZE_N"; fi
+    configs+=("params $(basename "$s") $s $ck $val")
+  done
+  for r in $(seq "$REPS"); do
+    for c in "${configs[@]}"; do
+      read -r axis value set ck val <<<"$c"
+      n=$(find -L "$ck" -name '*.safetensors' | wc -l)
+      rows=$("$PYTHON" -c "import numpy as np,sys; print(np.load(sys.argv[1])['y'].shape[0])" "$set/$val")
+      tags=(--tag axis="$axis" --tag n="$n" --tag params="$(params_of "$set")" --tag rows="$rows" --tag rep="$r")
       # shellcheck disable=SC2046
       ASWA_BENCH_REAL_ORT="$ORT_DYLIB_PATH" ORT_DYLIB_PATH="$SHIM" \
-        "${MEASURE[@]}" --ort-times --label "scale $axis=$value" --tag group=scale --tag axis="$axis" \
-        --tag n="$n" --tag params="$params" --tag rows="$rows" --tag rep="$r" \
-        --log "$LOGS/scale-$axis-$value-$r.log" -- $(rust_cmd "$set" "$ck" "$val" "$TMP/scale.safetensors")
+        "${MEASURE[@]}" --ort-times --label "scale $axis=$value" --tag group=scale "${tags[@]}" \
+        --log "$LOGS/scale-$axis-$value-$r.log" -- \
+        $(rust_cmd "$set" "$ck" "$val" "$TMP/scale.safetensors" --report "$TMP/scale_report.json")
+      if [ "$axis" = rows ]; then
+        for mode in inputs sessions; do
+          "${MEASURE[@]}" --label "scale $axis=$value python-$mode" --tag group=scale-py --tag variant="py-$mode" \
+            "${tags[@]}" --tag pyjson="\"$RES/scale-py-$mode-$value-$r.json\"" \
+            --log "$LOGS/scale-py-$mode-$value-$r.log" -- \
+            "${PIPE[@]}" "$ck" --model "$set/model.onnx" --val "$set/$val" --mode "$mode" \
+            --threads "$THREADS" --batch-size 256 -q --check "$TMP/scale_report.json" --json "$RES/scale-py-$mode-$value-$r.json"
+        done
+      fi
     done
-  }
-  # The reference point (all E2E_N checkpoints, E2E_ROWS rows) is section 2's tool runs.
-  for k in $N_AXIS; do scale_run N "$k" "$E2E" "$E2E/checkpoints_$k" val.npz; done
-  for v in ${VAL_ROWS//,/ }; do scale_run rows "$v" "$E2E" "$E2E/checkpoints" "val_$v.npz"; done
-  size_ck() { if [ "$1" = "$E2E" ] && [ "$SIZE_N" != "$E2E_N" ]; then echo "$1/checkpoints_$SIZE_N"; else echo "$1/checkpoints"; fi; }
-  for s in "$SMALL" "$E2E" "$LARGE"; do
-    val=val.npz; [ "$s" = "$E2E" ] && val="$SIZE_VAL"
-    scale_run params "$(basename "$s")" "$s" "$(size_ck "$s")" "$val"
   done
 fi
 

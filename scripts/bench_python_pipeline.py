@@ -238,7 +238,6 @@ def main() -> int:
     acc = f64(first)
     tm.add("average", t0)
     members = [0]
-    newest = first
     ensemble = first
     v_a = score(first)
     steps = [{"checkpoint": os.path.basename(paths[0]), "running_score": v_a,
@@ -276,7 +275,6 @@ def main() -> int:
         if not args.quiet:
             print(f"{steps[-1]['checkpoint']:<28} {v_t:.6f} {v_p:.6f} {decision:>7} {len(members):>4} {v_a:.6f}",
                   file=sys.stderr)
-    del newest
     if args.output:
         t0 = time.perf_counter()
         save_checkpoint(ensemble, args.output)
