@@ -159,8 +159,31 @@ pub fn run(cfg: &MergeConfig) -> Result<RunOutcome> {
         }
     };
     let p = prepare(cfg, &say)?;
+    // The checkpoints are hashed for provenance while they are scored; the hashes are
+    // joined before the first file is written.
+    std::thread::scope(|scope| {
+        let hashing = scope.spawn(|| digests(&p.set));
+        execute(cfg, &say, &p, hashing)
+    })
+}
+
+/// Everything after the checks: scoring, strategies, gates, writing.
+fn execute(
+    cfg: &MergeConfig,
+    say: &dyn Fn(&str),
+    p: &Prepared,
+    hashing: std::thread::ScopedJoinHandle<'_, Vec<InputFile>>,
+) -> Result<RunOutcome> {
     let set = &p.set;
-    let inputs = digests(set);
+    let mut hashing = Some(hashing);
+    let mut provenance = |report: &mut Report| -> Result<()> {
+        if let Some(h) = hashing.take() {
+            report.inputs = h
+                .join()
+                .map_err(|_| Error::Runtime("hashing the input checkpoints failed".into()))?;
+        }
+        Ok(())
+    };
 
     // ONNX Runtime and the scorer.
     let rt = runtime::load(cfg.ort_lib.as_deref())?;
@@ -254,7 +277,7 @@ pub fn run(cfg: &MergeConfig) -> Result<RunOutcome> {
         metric: p.metric.name(),
         higher_is_better: p.direction.higher_is_better,
         checkpoints: (0..set.len()).map(path_of).collect(),
-        inputs,
+        inputs: Vec::new(),
         result: None,
         strategies: None,
         winner: None,
@@ -359,6 +382,7 @@ pub fn run(cfg: &MergeConfig) -> Result<RunOutcome> {
                 c.check_unchanged()?;
             }
             let path = d.join(format!("{name}.safetensors"));
+            provenance(&mut report)?;
             let meta = report.metadata(&result, format.as_deref());
             let finished = cache.scorer().finalize(set, merged.candidate())?;
             let candidate = finished
@@ -437,6 +461,7 @@ pub fn run(cfg: &MergeConfig) -> Result<RunOutcome> {
         .as_ref()
         .map_or(merged.candidate(), Candidate::Average);
     if let Destination::File(path) = &cfg.destination {
+        provenance(&mut report)?;
         let meta = report.metadata(&results[chosen], format.as_deref());
         let file = write_result(set, final_candidate, path, &meta, cfg.shard_size)?;
         results[chosen].output = Some(file.display().to_string());
@@ -458,11 +483,12 @@ pub fn run(cfg: &MergeConfig) -> Result<RunOutcome> {
     } else {
         report.result = Some(results[chosen].clone());
     }
+    provenance(&mut report)?;
     if let Some(r) = &cfg.report {
         report.write(r)?;
     }
     if let Some(path) = &cfg.plot {
-        draw(path, &report, &results, &aswa_steps, &p)?;
+        draw(path, &report, &results, &aswa_steps, p)?;
     }
     let last_test_score = report.last_test_score;
     let evaluations = report.evaluations;
