@@ -390,3 +390,53 @@ fn an_unknown_strategy_is_refused_before_scoring() {
         .code(2)
         .stderr(contains("unknown strategy `median`").and(contains("greedy-soup")));
 }
+
+#[test]
+fn an_export_over_the_inline_limit_uses_external_data_and_still_scores_the_same() {
+    // The > 2 GB layout, exercised with a limit of 0 bytes: every initializer of 1 KiB or
+    // more goes to `merged.onnx.data`, and Python onnxruntime loads it from there.
+    use aswa_merge::averaging::Candidate;
+    use aswa_merge::scoring::onnx::{export_with_limit, plan_binding, OnnxModel};
+    use aswa_merge::storage::{CheckpointSet, CheckpointSource};
+    let dir = tempfile::tempdir().unwrap();
+    let set = CheckpointSet::open(vec![CheckpointSource::File(fixture(
+        "digits/checkpoints/epoch_12.safetensors",
+    ))])
+    .unwrap();
+    let model = OnnxModel::load(&fixture("digits/model.onnx")).unwrap();
+    let binding = plan_binding(&model, set.specs(), &[]).unwrap();
+    let onnx = dir.path().join("merged.onnx");
+    let candidate = Candidate::Checkpoint(0);
+    export_with_limit(
+        &model,
+        &binding,
+        set.specs(),
+        |t| candidate.tensor_bytes(&set, t),
+        &onnx,
+        0,
+    )
+    .unwrap();
+    let data = dir.path().join("merged.onnx.data");
+    assert!(data.is_file() && std::fs::metadata(&data).unwrap().len() > 16_000);
+    let out = std::process::Command::new(python())
+        .arg(root().join("scripts/score_onnx.py"))
+        .arg(&onnx)
+        .arg(fixture("digits/val.npz"))
+        .args(["--metric", "accuracy"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let scored: f64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+    let want = read_json(&fixture("digits/expected/aswa_accuracy.json"))["steps"][11]
+        ["running_score"]
+        .as_f64()
+        .unwrap();
+    assert!(
+        (scored - want).abs() < 1e-12,
+        "{scored} vs epoch_12's {want}"
+    );
+}

@@ -440,6 +440,19 @@ pub fn export<'a>(
     tensor: impl Fn(usize) -> &'a [u8],
     path: &Path,
 ) -> Result<()> {
+    export_with_limit(model, binding, specs, tensor, path, INLINE_LIMIT)
+}
+
+/// [`export`] with the size above which weights go to an external data file (tests use
+/// a small one to exercise the > 2 GB layout).
+pub fn export_with_limit<'a>(
+    model: &OnnxModel,
+    binding: &Binding,
+    specs: &[TensorSpec],
+    tensor: impl Fn(usize) -> &'a [u8],
+    path: &Path,
+    inline_limit: usize,
+) -> Result<()> {
     let mut m = model.model.clone();
     let graph = m.graph.as_mut().expect("checked in load");
     let bound: HashMap<&str, &Bound> = binding.bound.iter().map(|b| (b.name.as_str(), b)).collect();
@@ -463,7 +476,7 @@ pub fn export<'a>(
         }
         total += t.raw_data.as_ref().map_or(0, Vec::len);
     }
-    if total > INLINE_LIMIT {
+    if total > inline_limit {
         let data_name = format!(
             "{}.data",
             path.file_name()
