@@ -24,30 +24,11 @@ fn assert_recalibrated(got: &Path, want: &Path) {
     assert_eq!(g.keys().collect::<Vec<_>>(), w.keys().collect::<Vec<_>>());
     for (name, wt) in &w {
         let gt = &g[name];
-        if name.ends_with("running_mean") || name.ends_with("running_var") {
-            let (gv, wv) = (gt.values(), wt.values());
-            let max_abs = wv.iter().fold(0f64, |m, v| m.max(v.abs())).max(1e-12);
-            let err = gv
-                .iter()
-                .zip(&wv)
-                .fold(0f64, |m, (a, b)| m.max((a - b).abs()));
-            assert!(
-                err / max_abs <= 1e-5,
-                "{name}: relative error {}",
-                err / max_abs
-            );
-        } else if wt.dtype == safetensors::Dtype::F32 {
-            let (gv, wv) = (gt.values(), wt.values());
-            let max_abs = wv.iter().fold(0f64, |m, v| m.max(v.abs())).max(1e-12);
-            let err = gv
-                .iter()
-                .zip(&wv)
-                .fold(0f64, |m, (a, b)| m.max((a - b).abs()));
-            assert!(
-                err / max_abs <= 1e-6,
-                "{name}: relative error {}",
-                err / max_abs
-            );
+        if wt.dtype == safetensors::Dtype::F32 {
+            let stat = name.ends_with("running_mean") || name.ends_with("running_var");
+            let tol = if stat { 1e-5 } else { 1e-6 };
+            let err = max_rel_err(&gt.values(), &wt.values());
+            assert!(err <= tol, "{name}: relative error {err}");
         } else {
             assert_eq!(gt.data, wt.data, "{name}");
         }

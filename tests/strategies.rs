@@ -289,19 +289,7 @@ fn the_exported_onnx_gives_the_reported_score_in_python_onnxruntime() {
         .assert()
         .success();
     let reported = read_json(&report)["val_score"].as_f64().unwrap();
-    let out = std::process::Command::new(python())
-        .arg(root().join("scripts/score_onnx.py"))
-        .arg(&onnx)
-        .arg(fixture("digits/val.npz"))
-        .args(["--metric", "accuracy"])
-        .output()
-        .expect("python runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let scored: f64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+    let scored = python_score(&onnx, &fixture("digits/val.npz"), "accuracy");
     assert!(
         (scored - reported).abs() < 1e-9,
         "python {scored} vs reported {reported}"
@@ -418,19 +406,7 @@ fn an_export_over_the_inline_limit_uses_external_data_and_still_scores_the_same(
     .unwrap();
     let data = dir.path().join("merged.onnx.data");
     assert!(data.is_file() && std::fs::metadata(&data).unwrap().len() > 16_000);
-    let out = std::process::Command::new(python())
-        .arg(root().join("scripts/score_onnx.py"))
-        .arg(&onnx)
-        .arg(fixture("digits/val.npz"))
-        .args(["--metric", "accuracy"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let scored: f64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+    let scored = python_score(&onnx, &fixture("digits/val.npz"), "accuracy");
     let want = read_json(&fixture("digits/expected/aswa_accuracy.json"))["steps"][11]
         ["running_score"]
         .as_f64()

@@ -322,3 +322,24 @@ pub fn max_rel_err(got: &[f64], want: &[f64]) -> f64 {
         .fold(0f64, |m, (a, b)| m.max((a - b).abs()));
     err / max_abs
 }
+
+/// The score of an ONNX model as it is, by the independent Python reference
+/// (`scripts/score_onnx.py`, onnxruntime Python).
+pub fn python_score(onnx: &Path, val: &Path, metric: &str) -> f64 {
+    let out = std::process::Command::new(python())
+        .arg(root().join("scripts/score_onnx.py"))
+        .arg(onnx)
+        .arg(val)
+        .args(["--metric", metric])
+        .output()
+        .expect("python runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .expect("a float")
+}
