@@ -19,7 +19,7 @@ fn raw(path: &Path, header: &str, data: &[u8]) {
 
 #[test]
 fn a_truncated_checkpoint() {
-    let case = Case::digits(&(1..=3).collect::<Vec<_>>());
+    let case = Case::digits(&[1, 2, 3]);
     let p = case.ck().join("epoch_3.safetensors");
     let bytes = std::fs::read(&p).unwrap();
     std::fs::write(&p, &bytes[..bytes.len() / 2]).unwrap();
@@ -41,7 +41,7 @@ fn a_truncated_checkpoint() {
 
 #[test]
 fn garbage_and_oversized_headers() {
-    let case = Case::digits(&(1..=2).collect::<Vec<_>>());
+    let case = Case::digits(&[1, 2]);
     let p = case.ck().join("epoch_2.safetensors");
     std::fs::write(&p, b"this is not a safetensors file at all").unwrap();
     case.fails(
@@ -58,7 +58,7 @@ fn garbage_and_oversized_headers() {
 
 #[test]
 fn bad_offsets_lengths_and_duplicate_names() {
-    let case = Case::digits(&(1..=2).collect::<Vec<_>>());
+    let case = Case::digits(&[1, 2]);
     let p = case.ck().join("epoch_2.safetensors");
     // Overlapping offsets.
     raw(
@@ -128,7 +128,7 @@ fn sharded_checkpoints_with_a_missing_shard_or_a_broken_index() {
 
 #[test]
 fn skip_invalid_leaves_out_a_checkpoint_still_being_written() {
-    let case = Case::digits(&(1..=4).collect::<Vec<_>>());
+    let case = Case::digits(&[1, 2, 3, 4]);
     let p = case.ck().join("epoch_4.safetensors");
     let bytes = std::fs::read(&p).unwrap();
     std::fs::write(&p, &bytes[..1000]).unwrap();
@@ -158,7 +158,7 @@ fn skip_invalid_leaves_out_a_checkpoint_still_being_written() {
 
 #[test]
 fn infinite_weights_are_scored_and_never_accepted() {
-    let case = Case::digits(&(1..=3).collect::<Vec<_>>());
+    let case = Case::digits(&[1, 2, 3]);
     let p = case.ck().join("epoch_3.safetensors");
     let (mut t, _) = read_st(&p);
     let w = t.get_mut("fc2.bias").unwrap();
@@ -183,7 +183,7 @@ fn infinite_weights_are_scored_and_never_accepted() {
 
 #[test]
 fn validation_sets_that_do_not_fit() {
-    let case = Case::digits(&(1..=2).collect::<Vec<_>>());
+    let case = Case::digits(&[1, 2]);
     let npz = |name: &str,
                arrays: &[(&str, ndarray::ArrayD<f32>)],
                labels: Option<ndarray::ArrayD<i64>>|
@@ -240,7 +240,7 @@ fn validation_sets_that_do_not_fit() {
 
 #[test]
 fn an_output_in_a_directory_that_cannot_exist() {
-    let case = Case::digits(&(1..=2).collect::<Vec<_>>());
+    let case = Case::digits(&[1, 2]);
     let out = case.path("val.npz/out.safetensors");
     cmd()
         .arg(case.ck())
@@ -256,7 +256,7 @@ fn an_output_in_a_directory_that_cannot_exist() {
 #[test]
 fn a_full_disk_leaves_no_partial_output() {
     // A file-size limit of 8 KiB (the output is 21 KB): the write fails with EFBIG.
-    let case = Case::digits(&(1..=3).collect::<Vec<_>>());
+    let case = Case::digits(&[1, 2, 3]);
     let before = case.snapshot();
     let bin = assert_cmd::cargo::cargo_bin("aswa-merge");
     let out = std::process::Command::new("sh")
@@ -286,7 +286,7 @@ fn a_full_disk_leaves_no_partial_output() {
 
 #[test]
 fn an_interrupted_write_leaves_the_previous_output_and_no_temporary_file() {
-    let case = Case::digits(&(1..=3).collect::<Vec<_>>());
+    let case = Case::digits(&[1, 2, 3]);
     std::fs::write(case.out(), b"previous result").unwrap();
     for signal in ["INT", "TERM"] {
         let bin = assert_cmd::cargo::cargo_bin("aswa-merge");
