@@ -25,7 +25,7 @@ use crate::scoring::batchnorm::{Recalibrating, Recalibrator};
 use crate::scoring::data::{self, DataOptions, Filter, Labels, ValidationSet};
 use crate::scoring::onnx::{self, Binding, OnnxModel};
 use crate::scoring::{
-    runtime, CandidateKey, Metric, OnnxScorer, ScoreCache, Scorer, SessionOptions,
+    runtime, CandidateKey, IoBindingMode, Metric, OnnxScorer, ScoreCache, Scorer, SessionOptions,
 };
 use crate::storage::writer::{shard_paths, write_safetensors, write_sharded, TensorOut};
 use crate::storage::CheckpointSet;
@@ -114,6 +114,8 @@ pub struct MergeConfig {
     pub dry_run: bool,
     /// Where ONNX Runtime runs the model.
     pub device: crate::scoring::Device,
+    /// How candidates' weights reach the model (bound once or passed with each batch).
+    pub io_binding: crate::scoring::IoBindingMode,
     /// Leave out unreadable or inconsistent checkpoints instead of failing.
     pub skip_invalid: bool,
     /// Recompute BatchNorm statistics of every candidate on this calibration set.
@@ -172,7 +174,7 @@ fn execute(
     cfg: &MergeConfig,
     say: &dyn Fn(&str),
     p: &Prepared,
-    hashing: std::thread::ScopedJoinHandle<'_, Vec<InputFile>>,
+    hashing: std::thread::ScopedJoinHandle<'_, Result<Vec<InputFile>>>,
 ) -> Result<RunOutcome> {
     let set = &p.set;
     let mut hashing = Some(hashing);
@@ -180,7 +182,7 @@ fn execute(
         if let Some(h) = hashing.take() {
             report.inputs = h
                 .join()
-                .map_err(|_| Error::Runtime("hashing the input checkpoints failed".into()))?;
+                .map_err(|_| Error::Runtime("hashing the input checkpoints failed".into()))??;
         }
         Ok(())
     };
@@ -200,6 +202,7 @@ fn execute(
             threads: cfg.threads,
             output: cfg.output_name.clone(),
             device: cfg.device,
+            io_binding: cfg.io_binding,
         },
     )?;
     if let Some(why) = scorer.device_note() {
@@ -208,6 +211,7 @@ fn execute(
     let test_index = p.test.clone().map(|(d, f)| scorer.add_dataset(d, f));
     let batch_size = scorer.batch_size();
     let provider = scorer.provider();
+    let io_binding = scorer.binds_weights();
     let output_name = scorer.output_name().to_string();
     let recalibrator = match &p.calib {
         Some(calib) => {
@@ -221,6 +225,7 @@ fn execute(
                     threads: cfg.threads,
                     output: None,
                     device: cfg.device,
+                    io_binding: cfg.io_binding,
                 },
             )?;
             match &r {
@@ -291,8 +296,10 @@ fn execute(
         evaluations: 0,
         onnxruntime: rt.library.display().to_string(),
         execution_provider: provider.to_string(),
+        io_binding,
         recalibration,
         nan_scores: Vec::new(),
+        peak_rss_bytes: None,
         skipped: p.skipped.clone(),
     };
     let format = set.checkpoints()[0].metadata().get("format").cloned();
@@ -485,6 +492,7 @@ fn execute(
     }
     provenance(&mut report)?;
     if let Some(r) = &cfg.report {
+        report.peak_rss_bytes = crate::reporting::peak_rss_bytes();
         report.write(r)?;
     }
     if let Some(path) = &cfg.plot {
@@ -566,8 +574,9 @@ pub struct Plan {
     pub validation_rows: usize,
     pub validation_bytes: u64,
     pub strategies: Vec<String>,
-    /// Predicted peak of the buffers the tool allocates (memory-mapped checkpoint pages
-    /// come on top; the OS can drop them under pressure).
+    /// Predicted peak of the buffers the tool allocates plus the checkpoint pages resident
+    /// at once (about one checkpoint: each is released once read); ONNX Runtime's own
+    /// working memory comes on top.
     pub predicted_peak_bytes: u64,
     pub metric: String,
 }
@@ -608,6 +617,19 @@ pub fn plan(cfg: &MergeConfig) -> Result<Plan> {
             .sum()
     };
     let validation_bytes = data_bytes(&p.val) + p.test.as_ref().map_or(0, |(d, _)| data_bytes(d));
+    // Weights bound once per candidate are owned copies in the model's type.
+    let bound_copy: u64 = match (cfg.io_binding, cfg.device) {
+        (IoBindingMode::On, _) | (IoBindingMode::Auto, crate::scoring::Device::Cuda(_)) => p
+            .binding
+            .bound
+            .iter()
+            .map(|b| (b.shape.iter().product::<usize>() * b.elem.dtype().size()) as u64)
+            .sum(),
+        _ => 0,
+    };
+    // Checkpoint pages: the one being read (streaming averages read a bounded window of
+    // several at once, less than one model for all but small models).
+    let mapped = set.model_bytes() as u64;
     // ASWA: an f64 sum, the ensemble and the look-ahead; the others: their result.
     let per_strategy = |name: &str| -> u64 {
         match name {
@@ -643,7 +665,11 @@ pub fn plan(cfg: &MergeConfig) -> Result<Plan> {
         validation_rows: p.val.rows,
         validation_bytes,
         strategies: cfg.strategies.clone(),
-        predicted_peak_bytes: strategies_bytes + conversion + validation_bytes,
+        predicted_peak_bytes: strategies_bytes
+            + conversion
+            + bound_copy
+            + mapped
+            + validation_bytes,
         metric: p.metric.name(),
     };
     say(&format!(
@@ -663,7 +689,7 @@ pub fn plan(cfg: &MergeConfig) -> Result<Plan> {
         plan.metric
     ));
     say(&format!(
-        "      predicted peak memory {} (plus memory-mapped checkpoint pages); nothing scored or written",
+        "      predicted peak memory {} (plus ONNX Runtime's working memory); nothing scored or written",
         human(plan.predicted_peak_bytes)
     ));
     Ok(plan)
@@ -893,15 +919,17 @@ fn prepare(cfg: &MergeConfig, say: &dyn Fn(&str)) -> Result<Prepared> {
 }
 
 /// Size and SHA-256 of every checkpoint file, hashed in parallel.
-fn digests(set: &CheckpointSet) -> Vec<InputFile> {
+fn digests(set: &CheckpointSet) -> Result<Vec<InputFile>> {
     let files: Vec<&crate::storage::mmap::MappedFile> =
         set.checkpoints().iter().flat_map(|c| c.mapped()).collect();
     files
         .par_iter()
-        .map(|f| InputFile {
-            path: f.path().display().to_string(),
-            bytes: f.len(),
-            sha256: f.sha256(),
+        .map(|f| {
+            Ok(InputFile {
+                path: f.path().display().to_string(),
+                bytes: f.len(),
+                sha256: f.sha256()?,
+            })
         })
         .collect()
 }

@@ -298,3 +298,58 @@ fn streamed_builds_equal_the_accumulator_and_the_float64_references() {
         assert!(err <= 1e-6 * max_abs, "{}", spec.name);
     }
 }
+
+/// Many members of a large tensor: `Weights::build` then reads them in groups and in
+/// windows (and releases what it has read); the result must not depend on that.
+#[test]
+fn streamed_builds_over_many_members_and_windows_equal_the_accumulator() {
+    use aswa_merge::averaging::{Recipe, GROUP};
+    const NUMEL: usize = 600_001; // several windows, the last one partial
+    let n = 2 * GROUP + 3; // three groups, the last one partial
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = Rng(0x2545f4914f6cdd1d);
+    let mut values: Vec<Vec<f32>> = Vec::new();
+    for c in 0..n {
+        let v: Vec<f32> = (0..NUMEL).map(|_| rng.next() as f32).collect();
+        let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+        let view = TensorView::new(Dtype::F32, vec![NUMEL], &bytes).unwrap();
+        let path = dir.path().join(format!("ckpt_{c}.safetensors"));
+        safetensors::serialize_to_file([("w", view)], None, &path).unwrap();
+        values.push(v);
+    }
+    let set = open(dir.path(), n);
+    let members: Vec<usize> = (0..n).collect();
+    let mut acc = Accumulator::new(&set);
+    acc.reset(&set, 0);
+    for c in 1..n {
+        acc.add(&set, c);
+    }
+    let mut via_acc = Weights::new(&set);
+    acc.mean_into(&set, None, &mut via_acc);
+    for threads in [1, 2] {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        let (mean, ema) = pool.install(|| {
+            (
+                Weights::build(&set, Recipe::Mean(&members)),
+                Weights::build(&set, Recipe::Ema(&members, 0.8)),
+            )
+        });
+        assert!(
+            Candidate::Average(&mean).tensor_bytes(&set, 0)
+                == Candidate::Average(&via_acc).tensor_bytes(&set, 0),
+            "{threads} threads: the streamed mean differs from the accumulator's"
+        );
+        // EMA: the float64 recurrence in member order, rounded once.
+        let got = decode(DType::F32, Candidate::Average(&ema).tensor_bytes(&set, 0));
+        for (i, g) in got.iter().enumerate() {
+            let mut e = f64::from(values[0][i]);
+            for v in &values[1..] {
+                e = 0.8 * e + (1.0 - 0.8) * f64::from(v[i]);
+            }
+            assert_eq!(*g, e as f32 as f64, "{threads} threads: element {i}");
+        }
+    }
+}

@@ -596,3 +596,69 @@ fn dry_run_checks_and_plans_without_scoring_or_writing() {
         .code(2)
         .stderr(contains("do not match"));
 }
+
+/// `--io-binding on` (weights bound once per candidate, as on a GPU) and `off` (weights
+/// passed with every batch) must give the same decisions, scores and output, on a plain
+/// model, a fixed batch dimension (padded last batch), a two-input ranking model with a
+/// filter, and BatchNorm recalibration (a second session with more outputs).
+#[test]
+fn weights_bound_once_per_candidate_give_the_same_results_as_weights_passed_per_batch() {
+    let model_fixed = fixture("digits/fixed_batch/model.onnx")
+        .display()
+        .to_string();
+    let digits_val = fixture("digits/val.npz").display().to_string();
+    let kge_val = fixture("kge/val.npz").display().to_string();
+    let kge_filter = fixture("kge/filter.npz").display().to_string();
+    let bn_val = fixture("bn/val.npz").display().to_string();
+    let bn_calib = fixture("bn/calib.npz").display().to_string();
+    let digits = digits_args();
+    let cases: Vec<(&str, Vec<&str>)> = vec![
+        ("digits/checkpoints", strs(&digits)),
+        (
+            "digits/checkpoints",
+            vec!["--model", &model_fixed, "--val", &digits_val],
+        ),
+        (
+            "kge/checkpoints",
+            vec![
+                "--val",
+                &kge_val,
+                "--metric",
+                "mrr",
+                "--filter",
+                &kge_filter,
+            ],
+        ),
+        (
+            "bn/checkpoints",
+            vec!["--val", &bn_val, "--recalibrate-bn", &bn_calib],
+        ),
+    ];
+    for (ckpts, args) in cases {
+        let on = Run::new();
+        let off = Run::new();
+        let with = |mode: &'static str| {
+            let mut a = args.clone();
+            a.extend(["--io-binding", mode, "--device", "cpu"]);
+            a
+        };
+        let r_on = on.ok(ckpts, &with("on"));
+        let r_off = off.ok(ckpts, &with("off"));
+        assert_eq!(r_on["io_binding"], true, "{ckpts}");
+        assert_eq!(r_off["io_binding"], false, "{ckpts}");
+        assert_eq!(
+            r_on["steps"], r_off["steps"],
+            "{ckpts} {args:?}: steps differ"
+        );
+        assert_eq!(r_on["val_score"], r_off["val_score"], "{ckpts} {args:?}");
+        assert_eq!(
+            std::fs::read(on.out()).unwrap(),
+            std::fs::read(off.out()).unwrap(),
+            "{ckpts} {args:?}: outputs differ"
+        );
+    }
+    // The default on the CPU passes weights with every batch.
+    let run = Run::new();
+    let report = run.ok("digits/checkpoints", &strs(&digits));
+    assert_eq!(report["io_binding"], false);
+}

@@ -53,8 +53,14 @@ impl Ty {
     fn round(self, v: f64) -> u32 {
         match self {
             Ty::F32 => (v as f32).to_bits(),
-            Ty::F16 => f16::from_f64(v).to_bits() as u32,
-            Ty::BF16 => bf16::from_f64(v).to_bits() as u32,
+            // `half`'s conversions round through f32 (double rounding, off by one unit
+            // at a tie the first rounding creates): take the nearest of their neighbours.
+            Ty::F16 => nearest(v, f16::from_f64(v).to_bits(), |b| {
+                f16::from_bits(b).to_f64()
+            }) as u32,
+            Ty::BF16 => nearest(v, bf16::from_f64(v).to_bits(), |b| {
+                bf16::from_bits(b).to_f64()
+            }) as u32,
         }
     }
     /// The value of these bits as `f64` (exact).
@@ -271,15 +277,17 @@ proptest! {
 /// (E + 4) − (e_min − p + 1) ≤ 53, i.e. E − e_min ≤ 50 − p: 26 binades for f32 (p = 24),
 /// 42 for bf16 (p = 8). f16 always fits (every f16 is a multiple of 2^-24 below 2^16).
 /// The windows used below (20 and 30) leave a margin for the rounding of the generator.
-fn exact_window(ty: Ty) -> BoxedStrategy<u32> {
+///
+/// The window is drawn once per case, so that all the values summed share it.
+fn exact_members(ty: Ty, shapes: Vec<Vec<usize>>, n: usize) -> BoxedStrategy<Vec<Vec<Vec<u32>>>> {
     match ty {
         Ty::F32 => (-120i32..=100)
-            .prop_flat_map(|lo| windowed(Ty::F32, lo, 20))
+            .prop_flat_map(move |lo| members(&shapes, n, windowed(Ty::F32, lo, 20)))
             .boxed(),
         Ty::BF16 => (-120i32..=90)
-            .prop_flat_map(|lo| windowed(Ty::BF16, lo, 30))
+            .prop_flat_map(move |lo| members(&shapes, n, windowed(Ty::BF16, lo, 30)))
             .boxed(),
-        Ty::F16 => finite(Ty::F16),
+        Ty::F16 => members(&shapes, n, finite(Ty::F16)).boxed(),
     }
 }
 
@@ -303,7 +311,7 @@ fn mean64(ty: Ty, members: &[Vec<Vec<u32>>], t: usize, i: usize) -> f64 {
 /// - rounding to the dtype then moves each by at most half an ulp of the dtype, so two
 ///   results differ by at most one ulp plus the above.
 ///
-/// When the float64 sum is exact (see [`exact_window`]) the second term is zero and the
+/// When the float64 sum is exact (see [`exact_members`]) the second term is zero and the
 /// results are in fact identical. It only matters under cancellation, e.g. 1e30, 1,
 /// −1e30 (f32): float64 cannot hold 1e30 + 1, so one order gives 0 and another 1/3.
 fn order_bound(ty: Ty, members: &[Vec<Vec<u32>>], t: usize, i: usize) -> f64 {
@@ -322,7 +330,7 @@ proptest! {
     #[test]
     fn the_mean_does_not_depend_on_member_order_when_the_sum_is_exact(
         (ty, shapes, ms, perm) in (ty(), schema(), 2usize..=8).prop_flat_map(|(ty, shapes, n)| {
-            let ms = members(&shapes, n, exact_window(ty));
+            let ms = exact_members(ty, shapes.clone(), n);
             (Just(ty), Just(shapes), ms, permutation(n))
         })
     ) {
@@ -430,14 +438,14 @@ proptest! {
     }
 
     /// A mean of f16/bf16 checkpoints is the float64 mean rounded once to nearest, ties
-    /// to even. The reference is the nearest of the neighbours of `half`'s conversion,
-    /// computed here: `half`'s `bf16::from_f64` rounds through f32 (double rounding), so
-    /// it cannot be the reference itself.
+    /// to even. The reference ([`Ty::round`]) is the nearest of the neighbours of `half`'s
+    /// conversion: `half`'s `bf16::from_f64` rounds through f32 (double rounding), so it
+    /// cannot be the reference itself.
     #[test]
     fn half_means_round_to_nearest_even_of_the_float64_mean(
         (ty, ms) in half_ty().prop_flat_map(|ty| {
             (Just(ty), (2usize..=8).prop_flat_map(move |n| {
-                members(&[vec![64]], n, exact_window(ty))
+                exact_members(ty, vec![vec![64]], n)
             }))
         })
     ) {
@@ -448,10 +456,7 @@ proptest! {
         let got = result(&set, &w, ty, 0);
         for (i, &g) in got.iter().enumerate() {
             let m = mean64(ty, &ms, 0, i);
-            let want = match ty {
-                Ty::F16 => nearest(m, f16::from_f64(m).to_bits(), |b| f16::from_bits(b).to_f64()),
-                _ => nearest(m, bf16::from_f64(m).to_bits(), |b| bf16::from_bits(b).to_f64()),
-            } as u32;
+            let want = ty.round(m);
             prop_assert_eq!(g, want, "{:?}[{}]: mean {}", ty, i, m);
         }
     }

@@ -125,6 +125,11 @@ impl Weights {
     /// accumulated in `f64` across the members and rounded once, so no full-model
     /// `f64` buffer is needed. Gives the same bits as [`Accumulator`] with the same
     /// operations. `recipe` must name at least one checkpoint.
+    ///
+    /// Resident memory does not grow with the number of members: tensors are processed
+    /// in windows, the members of a window in groups of [`GROUP`] in order, and each
+    /// group's bytes are released ([`CheckpointSet::release_range`]) once added, so at
+    /// most one group's window of checkpoint pages is resident at a time.
     pub fn build(set: &CheckpointSet, recipe: Recipe<'_>) -> Self {
         let mut out = Weights::new(set);
         let members = match recipe {
@@ -133,13 +138,18 @@ impl Weights {
         assert!(!members.is_empty(), "a model needs at least one checkpoint");
         for (t, buf) in out.bufs.iter_mut().enumerate() {
             let Some(buf) = buf else { continue };
-            let dtype = set.specs()[t].dtype;
-            let sources: Vec<&[u8]> = members.iter().map(|&c| set.tensor_bytes(c, t)).collect();
+            let job = BuildJob {
+                set,
+                t,
+                dtype: set.specs()[t].dtype,
+                members,
+                recipe,
+            };
             match buf {
-                FloatBuf::F16(o) => build_chunks(o, dtype, &sources, recipe, f16_from_f64),
-                FloatBuf::BF16(o) => build_chunks(o, dtype, &sources, recipe, bf16_from_f64),
-                FloatBuf::F32(o) => build_chunks(o, dtype, &sources, recipe, |v| v as f32),
-                FloatBuf::F64(o) => build_chunks(o, dtype, &sources, recipe, |v| v),
+                FloatBuf::F16(o) => job.run(o, f16_from_f64),
+                FloatBuf::BF16(o) => job.run(o, bf16_from_f64),
+                FloatBuf::F32(o) => job.run(o, |v| v as f32),
+                FloatBuf::F64(o) => job.run(o, |v| v),
             }
         }
         out.int_source = members.iter().copied().max().unwrap_or(0);
@@ -147,41 +157,116 @@ impl Weights {
     }
 }
 
-fn build_chunks<T: Send>(
-    out: &mut [T],
+/// Members [`Weights::build`] reads at once, element block by element block.
+pub const GROUP: usize = 8;
+
+/// Bytes of one group's data that one window of [`Weights::build`] covers.
+const WINDOW_BYTES: usize = 8 << 20;
+
+/// The largest page-cache folio a fault may map at once (a PMD on x86-64): a fault can
+/// map pages up to this far outside the bytes it touched.
+const FOLIO_SLACK: usize = 2 << 20;
+
+/// One tensor of [`Weights::build`].
+struct BuildJob<'a> {
+    set: &'a CheckpointSet,
+    t: usize,
     dtype: DType,
-    sources: &[&[u8]],
-    recipe: Recipe<'_>,
-    round: impl Fn(f64) -> T + Sync,
-) {
-    let size = dtype.size();
-    out.par_chunks_mut(CHUNK).enumerate().for_each(|(k, o)| {
-        let range = k * CHUNK * size..(k * CHUNK + o.len()) * size;
-        let mut acc = vec![0f64; o.len()];
-        for_each_value(dtype, &sources[0][range.clone()], |i, x| acc[i] = x);
-        match recipe {
-            Recipe::Mean(m) => {
-                for src in &sources[1..] {
-                    for_each_value(dtype, &src[range.clone()], |i, x| acc[i] += x);
+    members: &'a [usize],
+    recipe: Recipe<'a>,
+}
+
+impl BuildJob<'_> {
+    fn run<T: Send>(&self, out: &mut [T], round: impl Fn(f64) -> T + Sync) {
+        let size = self.dtype.size();
+        let group = self.members.len().min(GROUP);
+        let window = (WINDOW_BYTES / (group * size)).max(CHUNK) / CHUNK * CHUNK;
+        // With more than one group, the f64 sums of a window wait for the next group.
+        let mut sums = if self.members.len() > GROUP {
+            vec![0f64; window.min(out.len())]
+        } else {
+            Vec::new()
+        };
+        let mut start = 0;
+        for o in out.chunks_mut(window) {
+            let bytes = start * size..(start + o.len()) * size;
+            if sums.is_empty() {
+                // One group: sum and round block by block, the sums never leave the cache.
+                let sources = self.sources(self.members, &bytes);
+                o.par_chunks_mut(CHUNK).enumerate().for_each_init(
+                    || vec![0f64; CHUNK],
+                    |acc, (k, o)| {
+                        let acc = &mut acc[..o.len()];
+                        self.accumulate(acc, &sources, k, true);
+                        self.round(o, acc, &round);
+                    },
+                );
+                self.release(self.members, &bytes);
+            } else {
+                let sums = &mut sums[..o.len()];
+                for (g, members) in self.members.chunks(GROUP).enumerate() {
+                    let sources = self.sources(members, &bytes);
+                    sums.par_chunks_mut(CHUNK)
+                        .enumerate()
+                        .for_each(|(k, acc)| self.accumulate(acc, &sources, k, g == 0));
+                    self.release(members, &bytes);
                 }
-                let n = m.len() as f64;
-                for (o, a) in o.iter_mut().zip(&acc) {
-                    *o = round(a / n);
-                }
+                o.par_chunks_mut(CHUNK)
+                    .zip(sums.par_chunks(CHUNK))
+                    .for_each(|(o, acc)| self.round(o, acc, &round));
             }
-            Recipe::Ema(_, decay) => {
-                for src in &sources[1..] {
-                    // As Accumulator::ema_step with a total of 1.
-                    for_each_value(dtype, &src[range.clone()], |i, x| {
-                        acc[i] = decay * acc[i] + (1.0 - decay) * x
-                    });
-                }
-                for (o, a) in o.iter_mut().zip(&acc) {
-                    *o = round(*a);
-                }
+            start += o.len();
+        }
+    }
+
+    /// Byte range `bytes` of the tensor in each of `members`.
+    fn sources(&self, members: &[usize], bytes: &std::ops::Range<usize>) -> Vec<&[u8]> {
+        members
+            .iter()
+            .map(|&c| &self.set.tensor_bytes(c, self.t)[bytes.clone()])
+            .collect()
+    }
+
+    /// Adds block `k` of `sources` (in order) into `acc`; `first`: `sources[0]` starts it.
+    fn accumulate(&self, acc: &mut [f64], sources: &[&[u8]], k: usize, first: bool) {
+        let size = self.dtype.size();
+        let range = k * CHUNK * size..(k * CHUNK + acc.len()) * size;
+        let mut rest = sources;
+        if first {
+            zip_values(self.dtype, &sources[0][range.clone()], acc, |a, x| *a = x);
+            rest = &sources[1..];
+        }
+        for src in rest {
+            let src = &src[range.clone()];
+            match self.recipe {
+                Recipe::Mean(_) => zip_values(self.dtype, src, acc, |a, x| *a += x),
+                // As Accumulator::ema_step with a total of 1.
+                Recipe::Ema(_, decay) => zip_values(self.dtype, src, acc, |a, x| {
+                    *a = decay * *a + (1.0 - decay) * x
+                }),
             }
         }
-    });
+    }
+
+    /// The model's values from the sums.
+    fn round<T>(&self, out: &mut [T], acc: &[f64], round: impl Fn(f64) -> T) {
+        match self.recipe {
+            Recipe::Mean(m) => {
+                let n = m.len() as f64;
+                out.iter_mut().zip(acc).for_each(|(o, a)| *o = round(a / n));
+            }
+            Recipe::Ema(..) => out.iter_mut().zip(acc).for_each(|(o, a)| *o = round(*a)),
+        }
+    }
+
+    /// Releases byte range `bytes` of the tensor in `members`, with the folio slack
+    /// around it.
+    fn release(&self, members: &[usize], bytes: &std::ops::Range<usize>) {
+        for &c in members {
+            self.set
+                .release_range(c, self.t, bytes.clone(), FOLIO_SLACK);
+        }
+    }
 }
 
 /// A model to score or write: a checkpoint as it is on disk, or a materialised average.
@@ -255,7 +340,7 @@ impl Accumulator {
             let bytes = set.tensor_bytes(c, t);
             sum.par_chunks_mut(CHUNK)
                 .zip(bytes.par_chunks(CHUNK * dtype.size()))
-                .for_each(|(s, b)| for_each_value(dtype, b, |i, x| f(&mut s[i], x)));
+                .for_each(|(s, b)| zip_values(dtype, b, s, &f));
         }
     }
 
@@ -299,45 +384,55 @@ fn mean_chunks<T: Send>(
             .par_chunks_mut(CHUNK)
             .zip(sum.par_chunks(CHUNK))
             .for_each(|(o, s)| {
-                for (o, s) in o.iter_mut().zip(s) {
-                    *o = round(s / n);
-                }
+                o.iter_mut().zip(s).for_each(|(o, s)| *o = round(s / n));
             }),
         Some(bytes) => out
             .par_chunks_mut(CHUNK)
             .zip(sum.par_chunks(CHUNK))
             .zip(bytes.par_chunks(CHUNK * dtype.size()))
-            .for_each(|((o, s), b)| for_each_value(dtype, b, |i, x| o[i] = round((s[i] + x) / n))),
+            .for_each_init(
+                || vec![0f64; CHUNK],
+                |acc, ((o, s), b)| {
+                    let acc = &mut acc[..o.len()];
+                    acc.copy_from_slice(s);
+                    zip_values(dtype, b, acc, |a, x| *a += x);
+                    o.iter_mut()
+                        .zip(acc.iter())
+                        .for_each(|(o, a)| *o = round(a / n));
+                },
+            ),
     }
 }
 
-/// Calls `f(i, value)` for every element of little-endian float `bytes` (any alignment).
+/// Calls `f(acc[i], value_i)` for the little-endian float values in `bytes` (any
+/// alignment), element by element. The loops are over typed slices without indexing, so
+/// the compiler can vectorise them.
 #[inline]
-fn for_each_value(dtype: DType, bytes: &[u8], mut f: impl FnMut(usize, f64)) {
+fn zip_values(dtype: DType, bytes: &[u8], acc: &mut [f64], f: impl Fn(&mut f64, f64)) {
+    #[inline(always)]
+    fn each<const N: usize>(
+        bytes: &[u8],
+        acc: &mut [f64],
+        decode: impl Fn([u8; N]) -> f64,
+        f: impl Fn(&mut f64, f64),
+    ) {
+        for (a, c) in acc.iter_mut().zip(bytes.chunks_exact(N)) {
+            let mut b = [0u8; N];
+            b.copy_from_slice(c);
+            f(a, decode(b));
+        }
+    }
     match dtype {
-        DType::F32 => bytes
-            .chunks_exact(4)
-            .enumerate()
-            .for_each(|(i, c)| f(i, f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64)),
-        DType::F64 => bytes.chunks_exact(8).enumerate().for_each(|(i, c)| {
-            f(
-                i,
-                f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]),
-            )
-        }),
-        DType::F16 => bytes
-            .chunks_exact(2)
-            .enumerate()
-            .for_each(|(i, c)| f(i, f64::from(f16::from_le_bytes([c[0], c[1]]).to_f32()))),
+        DType::F32 => each(bytes, acc, |b| f64::from(f32::from_le_bytes(b)), f),
+        DType::F64 => each(bytes, acc, f64::from_le_bytes, f),
+        DType::F16 => each(bytes, acc, |b| f64::from(f16::from_le_bytes(b).to_f32()), f),
         // bf16 is the upper half of an f32: widening is a shift, exact for every value.
-        DType::BF16 => bytes.chunks_exact(2).enumerate().for_each(|(i, c)| {
-            f(
-                i,
-                f64::from(f32::from_bits(
-                    u32::from(u16::from_le_bytes([c[0], c[1]])) << 16,
-                )),
-            )
-        }),
+        DType::BF16 => each(
+            bytes,
+            acc,
+            |b| f64::from(f32::from_bits(u32::from(u16::from_le_bytes(b)) << 16)),
+            f,
+        ),
         _ => {}
     }
 }

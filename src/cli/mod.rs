@@ -283,6 +283,14 @@ pub struct CommonArgs {
     #[arg(long, value_name = "DEVICE", default_value = "auto")]
     pub device: crate::scoring::Device,
 
+    /// How each candidate's weights reach ONNX Runtime: on = bound once per candidate
+    /// (an IoBinding; on a GPU they are uploaded once, and only the validation batches
+    /// stream), off = passed with every batch (on a GPU: uploaded with every batch), auto =
+    /// on for GPUs, off on the CPU, where weights passed with a batch are read in place and
+    /// binding would cost a copy per candidate. The scores are the same either way.
+    #[arg(long, value_name = "MODE", default_value = "auto")]
+    pub io_binding: crate::scoring::IoBindingMode,
+
     /// Path of libonnxruntime.so. Default: ORT_DYLIB_PATH, then the onnxruntime package of
     /// python3, then the system library path.
     #[arg(long, value_name = "PATH")]
@@ -378,6 +386,7 @@ impl CommonArgs {
             shard_size: self.shard_size,
             dry_run: self.dry_run,
             device: self.device,
+            io_binding: self.io_binding,
             skip_invalid: self.skip_invalid,
             recalibrate_bn: self.recalibrate_bn.clone(),
             calib_batch_size: self.calib_batch_size as usize,

@@ -55,6 +55,9 @@ pub struct Report {
     pub onnxruntime: String,
     /// The execution provider the model ran on.
     pub execution_provider: String,
+    /// Whether each candidate's weights were bound once (`--io-binding`) rather than
+    /// passed with every batch.
+    pub io_binding: bool,
     /// Checkpoints whose validation score is NaN (non-finite outputs: diverged training).
     pub nan_scores: Vec<String>,
     /// BatchNorm recalibration, when it was applied.
@@ -62,6 +65,25 @@ pub struct Report {
     pub recalibration: Option<Recalibration>,
     /// Paths that looked like checkpoints but were left out, with the reason.
     pub skipped: Vec<Skipped>,
+    /// The process's peak resident memory when the report was written, in bytes
+    /// (Linux `VmHWM`; absent where the system does not say).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peak_rss_bytes: Option<u64>,
+}
+
+/// The process's peak resident memory in bytes (`VmHWM` of `/proc/self/status`), where
+/// the system reports it.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line
+        .trim_start_matches("VmHWM:")
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib * 1024)
 }
 
 /// Serialises results as a JSON object keyed by strategy name, keeping their order.

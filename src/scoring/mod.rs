@@ -19,7 +19,7 @@ use crate::error::Result;
 use crate::storage::CheckpointSet;
 
 pub use metrics::Metric;
-pub use session::{Device, OnnxScorer, SessionOptions};
+pub use session::{Device, IoBindingMode, OnnxScorer, SessionOptions};
 
 /// Something that gives a candidate model a validation score.
 pub trait Scorer {

@@ -6,6 +6,13 @@
 //! buffer of an average, without a copy when the dtype already matches the model's
 //! and the data is aligned, converted into a reused scratch buffer otherwise.
 //! Validation rows are fed in batches along axis 0.
+//!
+//! On a GPU, inputs passed to `Run` are copied to the device on every call, weights
+//! included. There the weights are instead bound once per candidate with an
+//! [`ort::session::IoBinding`] (ONNX Runtime copies a bound input to the device when it
+//! is bound) and only the batches are bound per call, so a candidate's weights are
+//! uploaded once ([`IoBindingMode`]). On the CPU a weight passed to `Run` is read in
+//! place, so there the plain path is the default.
 
 use std::borrow::Cow;
 
@@ -35,6 +42,32 @@ pub struct SessionOptions {
     pub output: Option<String>,
     /// Where ONNX Runtime runs the model.
     pub device: Device,
+    /// Whether weights are bound once per candidate.
+    pub io_binding: IoBindingMode,
+}
+
+/// `--io-binding`: how a candidate's weights reach the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum IoBindingMode {
+    /// Bound once per candidate on a GPU, passed with every batch on the CPU.
+    #[default]
+    Auto,
+    /// Always bound once per candidate (on the CPU this costs one copy of the weights).
+    On,
+    /// Always passed with every batch (on a GPU: uploaded with every batch).
+    Off,
+}
+
+impl std::str::FromStr for IoBindingMode {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "on" => Ok(Self::On),
+            "off" => Ok(Self::Off),
+            _ => Err(format!("`{s}`: expected auto, on or off")),
+        }
+    }
 }
 
 /// `--device`: where the model runs.
@@ -74,6 +107,8 @@ pub(crate) struct Feeder {
     device_note: Option<String>,
     session: Session,
     binding: Binding,
+    /// Weights bound once per candidate (an `IoBinding`) rather than passed with each batch.
+    bind_weights: bool,
     batch: usize,
     /// `Some(n)` when the model's batch dimension is fixed to `n` (partial batches padded).
     fixed_batch: Option<usize>,
@@ -168,15 +203,26 @@ impl Feeder {
             )
         })?;
         let scratch = binding.bound.iter().map(|_| Scratch::default()).collect();
+        let bind_weights = match options.io_binding {
+            IoBindingMode::On => true,
+            IoBindingMode::Off => false,
+            IoBindingMode::Auto => provider != "CPUExecutionProvider",
+        };
         Ok(Self {
             provider,
             device_note: note,
             session,
             binding,
+            bind_weights,
             batch,
             fixed_batch,
             scratch,
         })
+    }
+
+    /// Whether a candidate's weights are bound once (see [`IoBindingMode`]).
+    pub(crate) fn binds_weights(&self) -> bool {
+        self.bind_weights
     }
 
     /// Rows per batch.
@@ -206,6 +252,7 @@ impl Feeder {
         let Self {
             session,
             binding,
+            bind_weights,
             batch,
             fixed_batch,
             scratch,
@@ -226,8 +273,11 @@ impl Feeder {
             let shape: Vec<i64> = b.shape.iter().map(|&d| d as i64).collect();
             weights.push((
                 Cow::Borrowed(b.name.as_str()),
-                view(b.elem, shape, bytes, s, source)?,
+                view(b.elem, shape, bytes, s, source, *bind_weights)?,
             ));
+        }
+        if *bind_weights {
+            return run_bound(session, &weights, data, *batch, *fixed_batch, each);
         }
         let mut start = 0;
         while start < data.rows {
@@ -256,6 +306,63 @@ impl Feeder {
         }
         Ok(())
     }
+}
+
+/// [`Feeder::run`] with the weights bound once: an `IoBinding` holds them (on a GPU,
+/// ONNX Runtime uploads them when they are bound) and every output, bound to host
+/// memory; each batch rebinds only the data inputs.
+///
+/// Every bound value is owned: `ort` 2.0.0-rc.15 clones a bound view of host memory
+/// when the session wants it in host memory, and that clone deadlocks (it re-enters the
+/// lock of its copy machinery), so `weights` are owned copies and batches are copied.
+fn run_bound(
+    session: &mut Session,
+    weights: &[(Cow<'_, str>, SessionInputValue<'_>)],
+    data: &ValidationSet,
+    batch: usize,
+    fixed_batch: Option<usize>,
+    each: &mut dyn FnMut(BatchOutputs<'_, '_>) -> Result<()>,
+) -> Result<()> {
+    use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
+    let mut io = session.create_binding()?;
+    for (name, value) in weights {
+        io.bind_input(name.as_ref(), &**value)?;
+    }
+    let host = MemoryInfo::new(
+        AllocationDevice::CPU,
+        0,
+        AllocatorType::Device,
+        MemoryType::Default,
+    )?;
+    let outputs: Vec<String> = session
+        .outputs()
+        .iter()
+        .map(|o| o.name().to_string())
+        .collect();
+    let mut start = 0;
+    while start < data.rows {
+        let end = (start + batch).min(data.rows);
+        let rows = end - start;
+        let pad = fixed_batch.filter(|&n| n > rows);
+        for (name, arr) in &data.inputs {
+            io.bind_input(name.as_str(), &owned_value(arr.rows(start, end, pad))?)?;
+        }
+        // Bound anew for every batch: a bound output keeps its first shape, and the last
+        // batch may have fewer rows.
+        io.clear_outputs();
+        for name in &outputs {
+            io.bind_output_to_device(name.as_str(), &host)?;
+        }
+        let outputs = session.run_binding(&io)?;
+        each(BatchOutputs {
+            outputs: &outputs,
+            start,
+            rows,
+            padded: pad,
+        })?;
+        start = end;
+    }
+    Ok(())
 }
 
 /// Scores candidates on a validation set with a metric.
@@ -324,6 +431,11 @@ impl OnnxScorer {
     /// The execution provider the session runs on (`CPUExecutionProvider`, `CUDAExecutionProvider`).
     pub fn provider(&self) -> &'static str {
         self.feeder.provider
+    }
+
+    /// Whether each candidate's weights are bound once (`--io-binding`).
+    pub fn binds_weights(&self) -> bool {
+        self.feeder.binds_weights()
     }
 
     /// Why `--device auto` chose the CPU, when CUDA was not usable.
@@ -464,13 +576,14 @@ fn aligned(bytes: &[u8], align: usize) -> bool {
     (bytes.as_ptr() as usize) % align == 0
 }
 
-/// A tensor view for one bound weight.
+/// A tensor view for one bound weight, or with `owned`, a copy (see [`run_bound`]).
 fn view<'a>(
     elem: ElemType,
     shape: Vec<i64>,
     bytes: &'a [u8],
     s: &'a Scratch,
     source: Source,
+    owned: bool,
 ) -> Result<SessionInputValue<'a>> {
     let n = shape.iter().product::<i64>() as usize;
     let raw: &[u8] = match source {
@@ -484,12 +597,18 @@ fn view<'a>(
         },
     };
     macro_rules! tensor {
-        ($t:ty) => {
-            SessionInputValue::from(
-                TensorRef::<$t>::from_array_view((shape, bytemuck::cast_slice::<u8, $t>(raw)))?
-                    .into_dyn(),
-            )
-        };
+        ($t:ty) => {{
+            let values = bytemuck::cast_slice::<u8, $t>(raw);
+            if owned {
+                SessionInputValue::from(
+                    Tensor::<$t>::from_array((shape, values.to_vec()))?.into_dyn(),
+                )
+            } else {
+                SessionInputValue::from(
+                    TensorRef::<$t>::from_array_view((shape, values))?.into_dyn(),
+                )
+            }
+        }};
     }
     Ok(match elem {
         ElemType::F32 => tensor!(f32),

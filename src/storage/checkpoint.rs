@@ -170,6 +170,18 @@ impl Checkpoint {
         &self.shards[entry.shard].bytes()[entry.range.clone()]
     }
 
+    /// Hands the pages of every file of the checkpoint back to the kernel
+    /// ([`MappedFile::release`]); the bytes stay readable.
+    pub fn release(&self) {
+        self.shards.iter().for_each(MappedFile::release);
+    }
+
+    /// Hands back the pages of byte range `range` of shard `shard`
+    /// ([`MappedFile::release_range`]).
+    pub fn release_range(&self, shard: usize, range: Range<usize>) {
+        self.shards[shard].release_range(range);
+    }
+
     /// Fails when any of the checkpoint's files changed since it was mapped.
     pub fn check_unchanged(&self) -> Result<()> {
         self.shards.iter().try_for_each(MappedFile::check_unchanged)

@@ -122,20 +122,19 @@ pub fn f16_from_f64(v: f64) -> f16 {
 /// exact because `f32` carries 16 more bits than `bf16`.
 #[inline]
 pub fn bf16_from_f64(v: f64) -> bf16 {
-    if v.is_nan() {
-        return bf16::from_f64(v);
-    }
+    // Written without branches (comparisons become 0/1) so that loops over it vectorise.
     let r = v as f32;
     let back = f64::from(r);
     let mut bits = r.to_bits();
-    if back.abs() > v.abs() {
-        bits -= 1;
-    }
-    if back != v {
-        bits |= 1;
-    }
+    bits = bits.wrapping_sub(u32::from(back.abs() > v.abs()));
+    bits |= u32::from(back != v);
     let round = 0x7fff + ((bits >> 16) & 1);
-    bf16::from_bits(((bits + round) >> 16) as u16)
+    let rounded = (bits.wrapping_add(round) >> 16) as u16;
+    if v.is_nan() {
+        bf16::from_f64(v)
+    } else {
+        bf16::from_bits(rounded)
+    }
 }
 
 /// Rounds `v` to nearest-even into a 16-bit float with exponent `bias` and `mant`

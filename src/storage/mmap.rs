@@ -11,12 +11,22 @@
 //! error instead of going unnoticed. Writers that write a temporary file and rename it
 //! (as this tool does) leave our mapping of the old file intact; a writer that rewrites
 //! the file in place does not.
+//!
+//! # Resident memory
+//!
+//! Pages of a map that have been read count in the process's resident memory (RSS) until
+//! the map is dropped, and container memory limits and job schedulers charge them. A run
+//! reads each checkpoint a few times and then no longer needs it, so callers hand pages
+//! back with [`MappedFile::release`] / [`MappedFile::release_range`] once they are done;
+//! that keeps resident memory at a few checkpoints whatever their number. The file's
+//! pages stay in the page cache, so reading them again is a minor fault, not disk I/O.
 
 use std::fs::File;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
-use memmap2::Mmap;
+use memmap2::{Mmap, UncheckedAdvice};
 
 use crate::error::{Error, Result};
 
@@ -68,25 +78,73 @@ impl MappedFile {
         self.len == 0
     }
 
-    /// SHA-256 of the mapped bytes, as lower-case hex. Reads the whole file (once; the
-    /// pages are then cached for averaging).
-    pub fn sha256(&self) -> String {
+    /// SHA-256 of the file, as lower-case hex. The file is read through a small buffer,
+    /// not through the map, so hashing adds nothing to resident memory; a file that no
+    /// longer matches its map (replaced or resized) is reported as changed.
+    pub fn sha256(&self) -> Result<String> {
         use sha2::Digest;
-        let digest = sha2::Sha256::digest(self.bytes());
-        digest.iter().map(|b| format!("{b:02x}")).collect()
+        let mut file = File::open(&self.path).map_err(|e| Error::io(&self.path, e))?;
+        let mut hasher = sha2::Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut total = 0u64;
+        loop {
+            let n = match file.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(Error::io(&self.path, e)),
+            };
+            hasher.update(&buf[..n]);
+            total += n as u64;
+        }
+        if total != self.len {
+            return Err(self.changed());
+        }
+        self.check_unchanged()?;
+        Ok(hasher
+            .finalize()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect())
+    }
+
+    /// Hands the pages of the whole map back to the kernel (see the module documentation).
+    pub fn release(&self) {
+        self.release_range(0..self.map.len());
+    }
+
+    /// Hands back the pages holding byte range `range` of the map. Pages at its ends may
+    /// also hold neighbouring bytes: those are simply faulted in again if read. Purely
+    /// advisory: a failure changes nothing but memory use, so it is ignored.
+    pub fn release_range(&self, range: std::ops::Range<usize>) {
+        let (start, end) = (range.start, range.end.min(self.map.len()));
+        if end > start {
+            // (memmap2 widens the range to whole pages.)
+            // SAFETY: MADV_DONTNEED on a read-only private file mapping that this process
+            // never writes drops only clean pages; the next read faults them in again from
+            // the file, so every slice handed out by `bytes` keeps reading the same data.
+            let _ = unsafe {
+                self.map
+                    .unchecked_advise_range(UncheckedAdvice::DontNeed, start, end - start)
+            };
+        }
     }
 
     /// Fails when the file's size or modification time differ from when it was mapped.
     pub fn check_unchanged(&self) -> Result<()> {
         let meta = std::fs::metadata(&self.path).map_err(|e| Error::io(&self.path, e))?;
         if meta.len() != self.len || meta.modified().ok() != self.modified {
-            return Err(Error::checkpoint(
-                &self.path,
-                "the file changed while it was being read (was it rewritten by a running job?); \
-                 rerun when it is complete",
-            ));
+            return Err(self.changed());
         }
         Ok(())
+    }
+
+    fn changed(&self) -> Error {
+        Error::checkpoint(
+            &self.path,
+            "the file changed while it was being read (was it rewritten by a running job?); \
+             rerun when it is complete",
+        )
     }
 }
 
@@ -108,13 +166,60 @@ mod tests {
         assert!(err.contains("changed while it was being read"), "{err}");
     }
 
+    /// Resident bytes of the mapping that starts at `addr`, from /proc/self/smaps.
+    #[cfg(target_os = "linux")]
+    fn resident(addr: usize) -> usize {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let mut lines = smaps.lines();
+        while let Some(line) = lines.next() {
+            let range = line.split_whitespace().next().unwrap_or("");
+            let Some((lo, _)) = range.split_once('-') else {
+                continue;
+            };
+            if usize::from_str_radix(lo, 16) == Ok(addr) {
+                let rss = lines.find(|l| l.starts_with("Rss:")).unwrap();
+                let kib: usize = rss.split_whitespace().nth(1).unwrap().parse().unwrap();
+                return kib * 1024;
+            }
+        }
+        panic!("mapping at {addr:#x} not found");
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn released_pages_leave_resident_memory_and_read_back_the_same() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f.bin");
+        let data: Vec<u8> = (0..4u32 << 20).map(|i| (i * 7 % 251) as u8).collect();
+        std::fs::write(&p, &data).unwrap();
+        let m = MappedFile::open(&p).unwrap();
+        let addr = m.bytes().as_ptr() as usize;
+        let sum = |b: &[u8]| b.iter().map(|&x| u64::from(x)).sum::<u64>();
+        let want = sum(&data);
+        assert_eq!(sum(m.bytes()), want);
+        assert_eq!(resident(addr), data.len());
+
+        // A range: at least its pages go (the kernel may drop a whole huge page around it).
+        m.release_range(1 << 20..3 << 20);
+        assert!(resident(addr) <= data.len() - (2 << 20));
+        assert_eq!(
+            sum(&m.bytes()[1 << 20..3 << 20]),
+            sum(&data[1 << 20..3 << 20])
+        );
+        // Everything, then read again: same bytes, resident again.
+        m.release();
+        assert_eq!(resident(addr), 0);
+        assert_eq!(m.bytes(), &data[..]);
+        assert_eq!(resident(addr), data.len());
+    }
+
     #[test]
     fn hashes_are_sha256() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("abc");
         std::fs::write(&p, b"abc").unwrap();
         assert_eq!(
-            MappedFile::open(&p).unwrap().sha256(),
+            MappedFile::open(&p).unwrap().sha256().unwrap(),
             "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
         );
     }

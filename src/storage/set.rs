@@ -192,6 +192,30 @@ impl CheckpointSet {
         self.checkpoints[checkpoint].bytes(&self.entries[checkpoint][tensor])
     }
 
+    /// Tells the kernel that checkpoint `checkpoint` is not needed for now, so that its
+    /// pages stop counting in resident memory; reading it again faults them back in
+    /// (from the page cache). Callers release each checkpoint once they are done with it,
+    /// which keeps resident memory independent of the number of checkpoints.
+    pub fn release(&self, checkpoint: usize) {
+        self.checkpoints[checkpoint].release();
+    }
+
+    /// Like [`CheckpointSet::release`], for byte range `range` of tensor `tensor`'s data
+    /// in checkpoint `checkpoint`, widened by `slack` bytes on both sides (streaming
+    /// passes: a page fault may map pages around the bytes it touched).
+    pub fn release_range(
+        &self,
+        checkpoint: usize,
+        tensor: usize,
+        range: std::ops::Range<usize>,
+        slack: usize,
+    ) {
+        let entry = &self.entries[checkpoint][tensor];
+        let at = entry.range.start;
+        let range = (at + range.start).saturating_sub(slack)..at + range.end + slack;
+        self.checkpoints[checkpoint].release_range(entry.shard, range);
+    }
+
     /// Bytes of one full model (all tensors of one checkpoint).
     pub fn model_bytes(&self) -> usize {
         self.specs.iter().map(|s| s.numel() * s.dtype.size()).sum()

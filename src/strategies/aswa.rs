@@ -88,6 +88,10 @@ pub fn aswa(
     };
     on_step(&first);
     steps.push(first);
+    // Each checkpoint is read by its own scoring, the look-ahead and the update of its
+    // step, then no more (its integer tensors, if it is the newest member, are read
+    // again when the result is written): hand its pages back.
+    set.release(0);
 
     for t in 1..set.len() {
         let v_t = cache.checkpoint(set, t)?;
@@ -125,6 +129,7 @@ pub fn aswa(
         };
         on_step(&step);
         steps.push(step);
+        set.release(t);
     }
 
     let members = acc.members().to_vec();

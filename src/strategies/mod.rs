@@ -209,10 +209,14 @@ pub fn uniform_of(ctx: &mut Context<'_, '_>, members: &[usize]) -> Result<Merged
     })
 }
 
-/// Every checkpoint's own validation score.
+/// Every checkpoint's own validation score (each checkpoint released once scored).
 pub fn checkpoint_scores(ctx: &mut Context<'_, '_>) -> Result<Vec<f64>> {
     (0..ctx.set.len())
-        .map(|c| ctx.cache.checkpoint(ctx.set, c))
+        .map(|c| {
+            let score = ctx.cache.checkpoint(ctx.set, c);
+            ctx.set.release(c);
+            score
+        })
         .collect()
 }
 
