@@ -130,11 +130,9 @@ pub fn bf16_from_f64(v: f64) -> bf16 {
     bits |= u32::from(back != v);
     let round = 0x7fff + ((bits >> 16) & 1);
     let rounded = (bits.wrapping_add(round) >> 16) as u16;
-    if v.is_nan() {
-        bf16::from_f64(v)
-    } else {
-        bf16::from_bits(rounded)
-    }
+    // NaN: the f32 NaN's upper half, made quiet (sign kept).
+    let nan = ((r.to_bits() >> 16) | 0x0040) as u16;
+    bf16::from_bits(if v.is_nan() { nan } else { rounded })
 }
 
 /// Rounds `v` to nearest-even into a 16-bit float with exponent `bias` and `mant`
