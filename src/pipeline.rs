@@ -297,6 +297,7 @@ fn execute(
         onnxruntime: rt.library.display().to_string(),
         execution_provider: provider.to_string(),
         io_binding,
+        rename: p.binding.rename.clone(),
         recalibration,
         nan_scores: Vec::new(),
         peak_rss_bytes: None,
@@ -786,6 +787,11 @@ fn prepare(cfg: &MergeConfig, say: &dyn Fn(&str)) -> Result<Prepared> {
     check_outputs(cfg, &set, &model_path)?;
     let model = OnnxModel::load(&model_path)?;
     let binding = onnx::plan_binding(&model, set.specs(), &cfg.allow_constant)?;
+    if let Some(rename) = &binding.rename {
+        say(&format!(
+            "note: the model's initializers match the {rename} (the output keeps the checkpoints' names)"
+        ));
+    }
 
     // 3. Validation data, metric, filter, test data.
     let requested = cfg.metric.as_deref().map(Metric::parse).transpose()?;

@@ -662,3 +662,75 @@ fn weights_bound_once_per_candidate_give_the_same_results_as_weights_passed_per_
     let report = run.ok("digits/checkpoints", &strs(&digits));
     assert_eq!(report["io_binding"], false);
 }
+
+/// Checkpoints saved through a wrapper carry a module path before every name
+/// (`module.` from DistributedDataParallel, `_orig_mod.` from `torch.compile`) that a
+/// model exported from the bare module does not have: matched without it, with a note,
+/// and the output keeps the checkpoints' names.
+#[test]
+fn checkpoints_saved_through_a_wrapper_match_the_model_without_their_prefix() {
+    let expected = read_json(&fixture("digits/expected/aswa_accuracy.json"));
+    for prefix in ["module.", "_orig_mod."] {
+        let tmp = tempfile::tempdir().unwrap();
+        let ck = tmp.path().join("checkpoints");
+        std::fs::create_dir_all(&ck).unwrap();
+        for e in 1..=15 {
+            let name = format!("epoch_{e}.safetensors");
+            let (tensors, _) = read_st(&fixture("digits/checkpoints").join(&name));
+            let prefixed = tensors
+                .into_iter()
+                .map(|(n, t)| (format!("{prefix}{n}"), t))
+                .collect();
+            write_st(&ck.join(&name), &prefixed);
+        }
+        let out = tmp.path().join("merged.safetensors");
+        let report = tmp.path().join("report.json");
+        cmd()
+            .arg(&ck)
+            .args(digits_args())
+            .arg("-o")
+            .arg(&out)
+            .arg("--report")
+            .arg(&report)
+            .assert()
+            .success()
+            .stderr(contains(format!("without the prefix `{prefix}`")));
+        let r = read_json(&report);
+        assert_matches_reference(&r, &expected, SCORE_TOL);
+        assert_eq!(r["rename"]["strip"], prefix);
+        // The output has the checkpoints' (prefixed) names and the reference's values.
+        let (got, _) = read_st(&out);
+        assert!(
+            got.keys().all(|n| n.starts_with(prefix)),
+            "{:?}",
+            got.keys()
+        );
+        let stripped = got
+            .into_iter()
+            .map(|(n, t)| (n[prefix.len()..].to_string(), t))
+            .collect();
+        let back = tmp.path().join("stripped.safetensors");
+        write_st(&back, &stripped);
+        assert_weights_match(&back, &fixture("digits/expected/aswa_accuracy.safetensors"));
+    }
+
+    // A prefix on some tensors only is not a wrapper's: the names do not match.
+    let case = Case::digits(&[1, 2]);
+    for e in [1, 2] {
+        let path = case.ck().join(format!("epoch_{e}.safetensors"));
+        let (tensors, _) = read_st(&path);
+        let renamed = tensors
+            .into_iter()
+            .map(|(n, t)| {
+                let n = if n.starts_with("fc1.") {
+                    format!("module.{n}")
+                } else {
+                    n
+                };
+                (n, t)
+            })
+            .collect();
+        write_st(&path, &renamed);
+    }
+    case.fails(&[], &["do not match", "module.fc1.weight"]);
+}

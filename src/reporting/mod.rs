@@ -58,6 +58,10 @@ pub struct Report {
     /// Whether each candidate's weights were bound once (`--io-binding`) rather than
     /// passed with every batch.
     pub io_binding: bool,
+    /// How checkpoint tensor names were mapped to the model's initializer names, when
+    /// they differ by a leading module path (`module.`, `_orig_mod.`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rename: Option<crate::scoring::onnx::Rename>,
     /// Checkpoints whose validation score is NaN (non-finite outputs: diverged training).
     pub nan_scores: Vec<String>,
     /// BatchNorm recalibration, when it was applied.

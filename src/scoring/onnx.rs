@@ -226,6 +226,40 @@ pub struct Binding {
     pub bound: Vec<Bound>,
     /// Integer checkpoint tensors the graph does not use (copied to the output only).
     pub unused_integer: Vec<String>,
+    /// How checkpoint names map to initializer names when they differ by a prefix.
+    pub rename: Option<Rename>,
+}
+
+/// Checkpoint tensor names that differ from the model's initializer names by a leading
+/// module path, as wrappers leave them: `module.` (DistributedDataParallel),
+/// `_orig_mod.` (`torch.compile`), `model.` (a Lightning module): the initializer of a
+/// checkpoint tensor is its name without `strip`, with `add` in front.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Rename {
+    pub strip: String,
+    pub add: String,
+}
+
+impl Rename {
+    /// The initializer name for checkpoint tensor `name`.
+    pub fn apply(&self, name: &str) -> Option<String> {
+        name.strip_prefix(self.strip.as_str())
+            .map(|rest| format!("{}{rest}", self.add))
+    }
+}
+
+impl std::fmt::Display for Rename {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.strip.is_empty(), self.add.is_empty()) {
+            (false, true) => write!(f, "checkpoint names without the prefix `{}`", self.strip),
+            (true, false) => write!(f, "checkpoint names with the prefix `{}`", self.add),
+            _ => write!(
+                f,
+                "checkpoint names with the prefix `{}` in place of `{}`",
+                self.add, self.strip
+            ),
+        }
+    }
 }
 
 /// Checks that the checkpoint tensors and the model's initializers correspond, both ways.
@@ -234,11 +268,84 @@ pub struct Binding {
 /// every non-scalar floating initializer must come from the checkpoints unless it is
 /// named in `allow_constant`. Integer checkpoint tensors are bound when the graph has
 /// them and ignored otherwise.
+///
+/// When the names do not correspond but do after removing a leading module path from the
+/// checkpoint names (or adding one), as `module.` from DistributedDataParallel or
+/// `_orig_mod.` from `torch.compile` leave them, that mapping is used ([`Binding::rename`]);
+/// the names of the output stay the checkpoints'.
 pub fn plan_binding(
     model: &OnnxModel,
     specs: &[TensorSpec],
     allow_constant: &[String],
 ) -> Result<Binding> {
+    let exact = bind_names(model, specs, allow_constant, None);
+    if exact.is_ok() {
+        return exact;
+    }
+    for rename in prefix_candidates(model, specs) {
+        if let Ok(binding) = bind_names(model, specs, allow_constant, Some(rename)) {
+            return Ok(binding);
+        }
+    }
+    exact
+}
+
+/// Prefix mappings that would give the first float checkpoint tensor without an
+/// initializer of its name one: checkpoint name = STRIP + initializer name, or
+/// initializer name = ADD + checkpoint name, the prefix ending with a `.`.
+fn prefix_candidates(model: &OnnxModel, specs: &[TensorSpec]) -> Vec<Rename> {
+    let inits: Vec<String> = model.initializers().into_iter().map(|i| i.name).collect();
+    let Some(first) = specs
+        .iter()
+        .filter(|s| s.dtype.is_float())
+        .find(|s| !inits.contains(&s.name))
+    else {
+        return Vec::new();
+    };
+    let name = first.name.as_str();
+    let mut out: Vec<Rename> = Vec::new();
+    for init in &inits {
+        let rename = if let Some(p) = name.strip_suffix(init.as_str()) {
+            Rename {
+                strip: p.to_string(),
+                add: String::new(),
+            }
+        } else if let Some(p) = init.strip_suffix(name) {
+            Rename {
+                strip: String::new(),
+                add: p.to_string(),
+            }
+        } else {
+            continue;
+        };
+        let prefix = if rename.add.is_empty() {
+            &rename.strip
+        } else {
+            &rename.add
+        };
+        if prefix.ends_with('.') && !out.contains(&rename) {
+            out.push(rename);
+        }
+    }
+    // Shortest prefix first.
+    out.sort_by_key(|r| (r.strip.len() + r.add.len(), r.strip.clone(), r.add.clone()));
+    out
+}
+
+/// [`plan_binding`] with checkpoint names mapped by `rename` (every float checkpoint
+/// tensor must carry its `strip` prefix).
+fn bind_names(
+    model: &OnnxModel,
+    specs: &[TensorSpec],
+    allow_constant: &[String],
+    rename: Option<Rename>,
+) -> Result<Binding> {
+    let onnx_name = |name: &str| -> Option<String> {
+        match &rename {
+            None => Some(name.to_string()),
+            Some(r) => r.apply(name),
+        }
+    };
     let inits: HashMap<String, Initializer> = model
         .initializers()
         .into_iter()
@@ -249,8 +356,8 @@ pub fn plan_binding(
     let mut missing = Vec::new();
     let mut problems = Vec::new();
     for (t, spec) in specs.iter().enumerate() {
-        let init = inits
-            .get(&spec.name)
+        let init = onnx_name(&spec.name)
+            .and_then(|n| inits.get(&n))
             // Boolean buffers are never fed: the graph keeps its own constant.
             .filter(|_| spec.dtype != DType::Bool);
         let Some(init) = init else {
@@ -290,17 +397,18 @@ pub fn plan_binding(
         }
         bound.push(Bound {
             tensor: t,
-            name: spec.name.clone(),
+            name: init.name.clone(),
             elem,
             shape: spec.shape.clone(),
         });
     }
-    let from_checkpoints: HashSet<&str> = specs.iter().map(|s| s.name.as_str()).collect();
+    let from_checkpoints: HashSet<String> =
+        specs.iter().filter_map(|s| onnx_name(&s.name)).collect();
     let mut constants: Vec<String> = inits
         .values()
         .filter(|i| i.elem.is_some_and(ElemType::is_float))
         .filter(|i| i.numel().is_none_or(|n| n > 1))
-        .filter(|i| !from_checkpoints.contains(i.name.as_str()))
+        .filter(|i| !from_checkpoints.contains(&i.name))
         .filter(|i| !allow_constant.contains(&i.name))
         .map(|i| i.name.clone())
         .collect();
@@ -310,6 +418,7 @@ pub fn plan_binding(
         return Ok(Binding {
             bound,
             unused_integer,
+            rename,
         });
     }
     Err(Error::model(
