@@ -734,3 +734,47 @@ fn checkpoints_saved_through_a_wrapper_match_the_model_without_their_prefix() {
     }
     case.fails(&[], &["do not match", "module.fc1.weight"]);
 }
+
+/// Validation arrays as numpy writes them in the wild: float16 inputs (half-precision
+/// pipelines), Fortran order (`np.asfortranarray`, a transposed view), and unsigned label
+/// types. All give the reference's decisions and scores (the digits inputs are small
+/// integers, exact in float16); a uint64 label beyond int64 is refused.
+#[test]
+fn float16_fortran_order_and_unsigned_validation_arrays_are_read() {
+    let tmp = tempfile::tempdir().unwrap();
+    let script = r#"
+import sys, numpy as np
+d = np.load(sys.argv[1]); out = sys.argv[2]
+x, y = d["x"], d["y"]
+np.savez(out + "/f16.npz", x=x.astype(np.float16), y=y.astype(np.uint16))
+np.savez(out + "/fortran.npz", x=np.asfortranarray(x), y=y.astype(np.uint32))
+np.savez(out + "/f16_fortran.npz", x=np.asfortranarray(x.astype(np.float16)), y=y.astype(np.uint64))
+big = y.astype(np.uint64); big[3] = 2**63 + 5
+np.savez(out + "/u64_big.npz", x=x, y=big)
+"#;
+    let status = std::process::Command::new(python())
+        .args(["-c", script])
+        .arg(fixture("digits/val.npz"))
+        .arg(tmp.path())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let model = fixture("digits/model.onnx").display().to_string();
+    let expected = read_json(&fixture("digits/expected/aswa_accuracy.json"));
+    for name in ["f16.npz", "fortran.npz", "f16_fortran.npz"] {
+        let val = tmp.path().join(name).display().to_string();
+        let run = Run::new();
+        let report = run.ok("digits/checkpoints", &["--model", &model, "--val", &val]);
+        assert_matches_reference(&report, &expected, SCORE_TOL);
+    }
+    let val = tmp.path().join("u64_big.npz").display().to_string();
+    cmd()
+        .arg(fixture("digits/checkpoints"))
+        .args(["--model", &model, "--val", &val])
+        .arg("-o")
+        .arg(tmp.path().join("out.safetensors"))
+        .assert()
+        .code(2)
+        .stderr(contains("does not fit an int64"));
+    assert!(!tmp.path().join("out.safetensors").exists());
+}

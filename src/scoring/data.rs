@@ -228,7 +228,7 @@ impl Npz {
         macro_rules! attempt {
             ($t:ty, $variant:ident) => {
                 match self.read::<$t>(name)? {
-                    Some(a) => return Ok(Array::$variant(a)),
+                    Some(a) => return Ok(Array::$variant(row_major(a))),
                     None => {}
                 }
             };
@@ -241,16 +241,19 @@ impl Npz {
         attempt!(i16, I16);
         attempt!(i8, I8);
         attempt!(bool, Bool);
+        if let Some(a) = read_other(&self.path, name)? {
+            return Ok(a);
+        }
         Err(Error::data(
             &self.path,
             format!(
                 "array `{name}` has an element type that is not supported \
-                 (use float32/float64 or an integer type)"
+                 (use float16/32/64 or an integer type)"
             ),
         ))
     }
 
-    fn read<T: ReadableElement>(&mut self, name: &str) -> Result<Option<ArrayD<T>>> {
+    fn read<T: ReadableElement + Clone>(&mut self, name: &str) -> Result<Option<ArrayD<T>>> {
         match self.reader.by_name::<ndarray::OwnedRepr<T>, IxDyn>(name) {
             Ok(a) => Ok(Some(a)),
             Err(ReadNpzError::Npy(ndarray_npy::ReadNpyError::WrongDescriptor(_))) => Ok(None),
@@ -299,13 +302,34 @@ fn check_declared_size(path: &Path, name: &str) -> Result<()> {
     Ok(())
 }
 
-/// From the start of a `.npy` file: where the header ends and the bytes of data it
-/// declares (shape × item size); `None` when the header is not in a form we parse.
-fn npy_declared_bytes(head: &[u8]) -> Option<(usize, u64)> {
+/// `a` in row-major (C) order: arrays saved in Fortran order (`np.asfortranarray`, or a
+/// transposed view passed to `np.savez`) are read in that layout, and batches of rows
+/// must be contiguous to be fed to ONNX Runtime.
+fn row_major<T: Clone>(a: ArrayD<T>) -> ArrayD<T> {
+    if a.is_standard_layout() {
+        a
+    } else {
+        a.as_standard_layout().into_owned()
+    }
+}
+
+/// The header of a `.npy` file.
+#[derive(Debug, PartialEq)]
+struct NpyHeader {
+    /// The numpy type string, e.g. `<f2`.
+    descr: String,
+    fortran_order: bool,
+    shape: Vec<usize>,
+    /// Where the data start.
+    data_start: usize,
+}
+
+/// Parses the header at the start of a `.npy` file; `None` when it is not in a form we parse.
+fn npy_header(head: &[u8]) -> Option<NpyHeader> {
     if head.get(..6)? != b"\x93NUMPY" {
         return None;
     }
-    let (len, start) = match head.get(6)? {
+    let (len, start): (usize, usize) = match head.get(6)? {
         1 => (
             u16::from_le_bytes([*head.get(8)?, *head.get(9)?]) as usize,
             10,
@@ -315,20 +339,140 @@ fn npy_declared_bytes(head: &[u8]) -> Option<(usize, u64)> {
             12,
         ),
     };
-    let header = std::str::from_utf8(head.get(start..start + len)?).ok()?;
-    let descr = header.split("'descr':").nth(1)?;
-    let descr = descr.split('\'').nth(1)?;
-    let item: u64 = descr
+    let end = start.checked_add(len)?;
+    let header = std::str::from_utf8(head.get(start..end)?).ok()?;
+    let descr = header.split("'descr':").nth(1)?.split('\'').nth(1)?;
+    let fortran_order = header
+        .split("'fortran_order':")
+        .nth(1)?
+        .trim_start()
+        .starts_with("True");
+    let shape = header.split("'shape':").nth(1)?;
+    let shape = shape.split('(').nth(1)?.split(')').next()?;
+    let shape = shape
+        .split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+        .map(|d| d.parse().ok())
+        .collect::<Option<Vec<usize>>>()?;
+    Some(NpyHeader {
+        descr: descr.to_string(),
+        fortran_order,
+        shape,
+        data_start: end,
+    })
+}
+
+/// From the start of a `.npy` file: where the header ends and the bytes of data it
+/// declares (shape × item size); `None` when the header is not in a form we parse.
+fn npy_declared_bytes(head: &[u8]) -> Option<(usize, u64)> {
+    let h = npy_header(head)?;
+    let item: u64 = h
+        .descr
         .trim_start_matches(|c: char| !c.is_ascii_digit())
         .parse()
         .ok()?;
-    let shape = header.split("'shape':").nth(1)?;
-    let shape = shape.split('(').nth(1)?.split(')').next()?;
     let mut count: u64 = 1;
-    for dim in shape.split(',').map(str::trim).filter(|d| !d.is_empty()) {
-        count = count.checked_mul(dim.parse().ok()?)?;
+    for &dim in &h.shape {
+        count = count.checked_mul(dim as u64)?;
     }
-    Some((start + len, count.saturating_mul(item)))
+    Some((h.data_start, count.saturating_mul(item)))
+}
+
+/// Reads array `name` of the `.npz` at `path` when it has a type the npy reader does not
+/// know: float16 (`<f2`, as half-precision pipelines save their inputs) and unsigned
+/// 16/32/64-bit integers (widened to int32/int64). `None` for other types. The declared
+/// size was checked against the archive entry before ([`check_declared_size`]).
+fn read_other(path: &Path, name: &str) -> Result<Option<Array>> {
+    use std::io::Read;
+    let bad = |m: String| Error::data(path, format!("array `{name}`: {m}"));
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut zip =
+        zip::ZipArchive::new(file).map_err(|e| bad(format!("not a valid archive ({e})")))?;
+    let npy_name = format!("{name}.npy");
+    let entry_name = if zip.index_for_name(name).is_some() {
+        name
+    } else {
+        &npy_name
+    };
+    let Ok(mut entry) = zip.by_name(entry_name) else {
+        return Ok(None);
+    };
+    let mut bytes = Vec::new();
+    entry
+        .read_to_end(&mut bytes)
+        .map_err(|e| bad(format!("cannot read it ({e})")))?;
+    let Some(h) = npy_header(&bytes) else {
+        return Ok(None);
+    };
+    let size = match h.descr.as_str() {
+        "<f2" | "<u2" => 2,
+        "<u4" => 4,
+        "<u8" => 8,
+        _ => return Ok(None),
+    };
+    let count = h
+        .shape
+        .iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d))
+        .ok_or_else(|| bad("its shape overflows".into()))?;
+    let data = bytes
+        .get(h.data_start..)
+        .filter(|d| count.checked_mul(size).is_some_and(|n| d.len() >= n))
+        .ok_or_else(|| bad("it holds less data than its header declares".into()))?;
+    let shape = {
+        use ndarray::ShapeBuilder;
+        let dims = IxDyn(&h.shape);
+        if h.fortran_order {
+            dims.f()
+        } else {
+            dims.into_shape_with_order()
+        }
+    };
+    let values = data[..count * size].chunks_exact(size);
+    let array = match h.descr.as_str() {
+        "<f2" => Array::F16(
+            ArrayD::from_shape_vec(
+                shape,
+                values.map(|c| f16::from_le_bytes([c[0], c[1]])).collect(),
+            )
+            .map_err(|e| bad(e.to_string()))?,
+        ),
+        "<u2" => Array::I32(
+            ArrayD::from_shape_vec(
+                shape,
+                values
+                    .map(|c| i32::from(u16::from_le_bytes([c[0], c[1]])))
+                    .collect(),
+            )
+            .map_err(|e| bad(e.to_string()))?,
+        ),
+        "<u4" => Array::I64(
+            ArrayD::from_shape_vec(
+                shape,
+                values
+                    .map(|c| i64::from(u32::from_le_bytes([c[0], c[1], c[2], c[3]])))
+                    .collect(),
+            )
+            .map_err(|e| bad(e.to_string()))?,
+        ),
+        _ => {
+            let v = values
+                .map(|c| {
+                    let x = u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
+                    i64::try_from(x)
+                        .map_err(|_| bad(format!("the uint64 value {x} does not fit an int64")))
+                })
+                .collect::<Result<Vec<i64>>>()?;
+            Array::I64(ArrayD::from_shape_vec(shape, v).map_err(|e| bad(e.to_string()))?)
+        }
+    };
+    Ok(Some(match array {
+        Array::F16(a) => Array::F16(row_major(a)),
+        Array::I32(a) => Array::I32(row_major(a)),
+        Array::I64(a) => Array::I64(row_major(a)),
+        other => other,
+    }))
 }
 
 /// Labels for the metric: class indices, or target values.
