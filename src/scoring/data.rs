@@ -267,11 +267,19 @@ impl Npz {
 /// hostile file of a few bytes could otherwise exhaust memory. Headers this check cannot
 /// parse are left to the reader, which validates them.
 fn check_declared_size(path: &Path, name: &str) -> Result<()> {
-    use std::io::Read;
-    let bad = |m: String| Error::data(path, format!("array `{name}`: {m}"));
+    with_entry(path, name, |entry| check_entry_size(path, name, entry)).map(|_| ())
+}
+
+/// Calls `f` with the archive entry of array `name` (`name` or `name.npy`) of the `.npz`
+/// at `path`; `None` when there is no such entry.
+fn with_entry<R>(
+    path: &Path,
+    name: &str,
+    f: impl FnOnce(&mut zip::read::ZipFile<'_, File>) -> Result<R>,
+) -> Result<Option<R>> {
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
-    let mut zip =
-        zip::ZipArchive::new(file).map_err(|e| bad(format!("not a valid archive ({e})")))?;
+    let mut zip = zip::ZipArchive::new(file)
+        .map_err(|e| Error::data(path, format!("array `{name}`: not a valid archive ({e})")))?;
     let npy_name = format!("{name}.npy");
     let entry_name = if zip.index_for_name(name).is_some() {
         name
@@ -279,11 +287,22 @@ fn check_declared_size(path: &Path, name: &str) -> Result<()> {
         &npy_name
     };
     let Ok(mut entry) = zip.by_name(entry_name) else {
-        return Ok(());
+        return Ok(None);
     };
+    f(&mut entry).map(Some)
+}
+
+/// [`check_declared_size`] for one entry.
+fn check_entry_size(
+    path: &Path,
+    name: &str,
+    entry: &mut zip::read::ZipFile<'_, File>,
+) -> Result<()> {
+    use std::io::Read;
+    let bad = |m: String| Error::data(path, format!("array `{name}`: {m}"));
     let (size, compressed) = (entry.size(), entry.compressed_size());
     let mut head = Vec::new();
-    (&mut entry)
+    entry
         .take(1 << 16)
         .read_to_end(&mut head)
         .map_err(|e| bad(format!("cannot read it ({e})")))?;
@@ -386,22 +405,16 @@ fn npy_declared_bytes(head: &[u8]) -> Option<(usize, u64)> {
 fn read_other(path: &Path, name: &str) -> Result<Option<Array>> {
     use std::io::Read;
     let bad = |m: String| Error::data(path, format!("array `{name}`: {m}"));
-    let file = File::open(path).map_err(|e| Error::io(path, e))?;
-    let mut zip =
-        zip::ZipArchive::new(file).map_err(|e| bad(format!("not a valid archive ({e})")))?;
-    let npy_name = format!("{name}.npy");
-    let entry_name = if zip.index_for_name(name).is_some() {
-        name
-    } else {
-        &npy_name
-    };
-    let Ok(mut entry) = zip.by_name(entry_name) else {
+    let read = with_entry(path, name, |entry| {
+        let mut bytes = Vec::new();
+        entry
+            .read_to_end(&mut bytes)
+            .map_err(|e| bad(format!("cannot read it ({e})")))?;
+        Ok(bytes)
+    })?;
+    let Some(bytes) = read else {
         return Ok(None);
     };
-    let mut bytes = Vec::new();
-    entry
-        .read_to_end(&mut bytes)
-        .map_err(|e| bad(format!("cannot read it ({e})")))?;
     let Some(h) = npy_header(&bytes) else {
         return Ok(None);
     };
