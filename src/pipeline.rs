@@ -618,14 +618,17 @@ pub fn plan(cfg: &MergeConfig) -> Result<Plan> {
             .sum()
     };
     let validation_bytes = data_bytes(&p.val) + p.test.as_ref().map_or(0, |(d, _)| data_bytes(d));
-    // Weights bound once per candidate are owned copies in the model's type.
+    // Weights bound once per candidate are owned copies in the model's type (`auto`
+    // binds them when CUDA is used, which `--device auto` may choose: counted then too).
     let bound_copy: u64 = match (cfg.io_binding, cfg.device) {
-        (IoBindingMode::On, _) | (IoBindingMode::Auto, crate::scoring::Device::Cuda(_)) => p
-            .binding
-            .bound
-            .iter()
-            .map(|b| (b.shape.iter().product::<usize>() * b.elem.dtype().size()) as u64)
-            .sum(),
+        (IoBindingMode::On, _)
+        | (IoBindingMode::Auto, crate::scoring::Device::Cuda(_) | crate::scoring::Device::Auto) => {
+            p.binding
+                .bound
+                .iter()
+                .map(|b| (b.shape.iter().product::<usize>() * b.elem.dtype().size()) as u64)
+                .sum()
+        }
         _ => 0,
     };
     // Checkpoint pages: the one being read (streaming averages read a bounded window of

@@ -299,57 +299,92 @@ fn streamed_builds_equal_the_accumulator_and_the_float64_references() {
     }
 }
 
-/// Many members of a large tensor: `Weights::build` then reads them in groups and in
-/// windows (and releases what it has read); the result must not depend on that.
+/// Large tensors, few and many members: `Weights::build` then reads them in windows and,
+/// beyond 8 members, in groups (releasing what it has read); the result must not depend
+/// on that. Mean: bit for bit the accumulator's; EMA: the float64 recurrence rounded once.
 #[test]
-fn streamed_builds_over_many_members_and_windows_equal_the_accumulator() {
+fn streamed_builds_over_windows_and_groups_equal_the_accumulator() {
     use aswa_merge::averaging::{Recipe, GROUP};
-    const NUMEL: usize = 600_001; // several windows, the last one partial
-    let n = 2 * GROUP + 3; // three groups, the last one partial
-    let dir = tempfile::tempdir().unwrap();
-    let mut rng = Rng(0x2545f4914f6cdd1d);
-    let mut values: Vec<Vec<f32>> = Vec::new();
-    for c in 0..n {
-        let v: Vec<f32> = (0..NUMEL).map(|_| rng.next() as f32).collect();
-        let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
-        let view = TensorView::new(Dtype::F32, vec![NUMEL], &bytes).unwrap();
-        let path = dir.path().join(format!("ckpt_{c}.safetensors"));
-        safetensors::serialize_to_file([("w", view)], None, &path).unwrap();
-        values.push(v);
-    }
-    let set = open(dir.path(), n);
-    let members: Vec<usize> = (0..n).collect();
-    let mut acc = Accumulator::new(&set);
-    acc.reset(&set, 0);
-    for c in 1..n {
-        acc.add(&set, c);
-    }
-    let mut via_acc = Weights::new(&set);
-    acc.mean_into(&set, None, &mut via_acc);
-    for threads in [1, 2] {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .unwrap();
-        let (mean, ema) = pool.install(|| {
-            (
-                Weights::build(&set, Recipe::Mean(&members)),
-                Weights::build(&set, Recipe::Ema(&members, 0.8)),
-            )
-        });
-        assert!(
-            Candidate::Average(&mean).tensor_bytes(&set, 0)
-                == Candidate::Average(&via_acc).tensor_bytes(&set, 0),
-            "{threads} threads: the streamed mean differs from the accumulator's"
-        );
-        // EMA: the float64 recurrence in member order, rounded once.
-        let got = decode(DType::F32, Candidate::Average(&ema).tensor_bytes(&set, 0));
-        for (i, g) in got.iter().enumerate() {
-            let mut e = f64::from(values[0][i]);
-            for v in &values[1..] {
-                e = 0.8 * e + (1.0 - 0.8) * f64::from(v[i]);
+    // (dtype, members, elements): several windows each, the last one partial; three
+    // groups (the last partial) or one.
+    let cases = [
+        (Dtype::F32, 2 * GROUP + 3, 600_001),
+        (Dtype::BF16, 2 * GROUP + 3, 1_100_001),
+        (Dtype::F32, 3, 1_500_001),
+    ];
+    for (dtype, n, numel) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let mut rng = Rng(0x2545f4914f6cdd1d);
+        let mut values: Vec<Vec<f64>> = Vec::new();
+        for c in 0..n {
+            let v: Vec<f64> = (0..numel).map(|_| rng.next()).collect();
+            let (bytes, stored): (Vec<u8>, Vec<f64>) = if dtype == Dtype::F32 {
+                (
+                    v.iter().flat_map(|&x| (x as f32).to_le_bytes()).collect(),
+                    v.iter().map(|&x| x as f32 as f64).collect(),
+                )
+            } else {
+                (
+                    v.iter()
+                        .flat_map(|&x| bf16::from_f64(x).to_le_bytes())
+                        .collect(),
+                    v.iter().map(|&x| bf16::from_f64(x).to_f64()).collect(),
+                )
+            };
+            let view = TensorView::new(dtype, vec![numel], &bytes).unwrap();
+            let path = dir.path().join(format!("ckpt_{c}.safetensors"));
+            safetensors::serialize_to_file([("w", view)], None, &path).unwrap();
+            values.push(stored);
+        }
+        let set = open(dir.path(), n);
+        let spec_dtype = set.specs()[0].dtype;
+        let members: Vec<usize> = (0..n).collect();
+        let mut acc = Accumulator::new(&set);
+        acc.reset(&set, 0);
+        for c in 1..n {
+            acc.add(&set, c);
+        }
+        let mut via_acc = Weights::new(&set);
+        acc.mean_into(&set, None, &mut via_acc);
+        let decay = 0.8;
+        let want_ema: Vec<f64> = (0..numel)
+            .map(|i| {
+                let mut e = values[0][i];
+                for v in &values[1..] {
+                    e = decay * e + (1.0 - decay) * v[i];
+                }
+                e
+            })
+            .collect();
+        for threads in [1, 2] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            let (mean, ema) = pool.install(|| {
+                (
+                    Weights::build(&set, Recipe::Mean(&members)),
+                    Weights::build(&set, Recipe::Ema(&members, decay)),
+                )
+            });
+            let case = format!("{dtype:?}, {n} members, {numel} elements, {threads} threads");
+            assert!(
+                Candidate::Average(&mean).tensor_bytes(&set, 0)
+                    == Candidate::Average(&via_acc).tensor_bytes(&set, 0),
+                "{case}: the streamed mean differs from the accumulator's"
+            );
+            let got = decode(spec_dtype, Candidate::Average(&ema).tensor_bytes(&set, 0));
+            for (i, (g, w)) in got.iter().zip(&want_ema).enumerate() {
+                let w = if dtype == Dtype::F32 {
+                    *w as f32 as f64
+                } else {
+                    // One unit in the last place (half's conversion double-rounds).
+                    let ulp = w.abs() * 2f64.powi(-7);
+                    assert!((g - w).abs() <= ulp, "{case}: EMA element {i}: {g} vs {w}");
+                    continue;
+                };
+                assert_eq!(*g, w, "{case}: EMA element {i}");
             }
-            assert_eq!(*g, e as f32 as f64, "{threads} threads: element {i}");
         }
     }
 }

@@ -166,8 +166,10 @@ pub const GROUP: usize = 8;
 /// Bytes of one group's data that one window of [`Weights::build`] covers.
 const WINDOW_BYTES: usize = 8 << 20;
 
-/// The largest page-cache folio a fault may map at once (a PMD on x86-64): a fault can
-/// map pages up to this far outside the bytes it touched.
+/// The largest page-cache folio a fault may map at once (a PMD on x86-64 with 4 KiB
+/// pages): a fault can map pages up to this far outside the bytes it touched. On kernels
+/// with larger pages (arm64 with 16 or 64 KiB pages) folios can be larger, and resident
+/// memory may exceed what docs/performance.md measured on x86-64 (not measured there).
 const FOLIO_SLACK: usize = 2 << 20;
 
 /// One tensor of [`Weights::build`].
@@ -183,7 +185,10 @@ impl BuildJob<'_> {
     fn run<T: Send>(&self, out: &mut [T], round: impl Fn(f64) -> T + Sync) {
         let size = self.dtype.size();
         let group = self.members.len().min(GROUP);
-        let window = (WINDOW_BYTES / (group * size)).max(CHUNK) / CHUNK * CHUNK;
+        // Whole chunks, at least two per thread so that a window keeps every core busy.
+        let window = (WINDOW_BYTES / (group * size)).max(2 * rayon::current_num_threads() * CHUNK)
+            / CHUNK
+            * CHUNK;
         // With more than one group, the f64 sums of a window wait for the next group.
         let mut sums = if self.members.len() > GROUP {
             vec![0f64; window.min(out.len())]
@@ -236,6 +241,8 @@ impl BuildJob<'_> {
 
     /// Adds the elements of `sources` (in order) from element `at` on into `acc`;
     /// `first`: `sources[0]` starts it.
+    // Inlined into `simd`'s AVX2 function, so that its loops are compiled for AVX2.
+    #[inline(always)]
     fn accumulate(&self, acc: &mut [f64], sources: &[&[u8]], at: usize, first: bool) {
         let size = self.dtype.size();
         let range = at * size..(at + acc.len()) * size;
@@ -248,7 +255,7 @@ impl BuildJob<'_> {
             let src = &src[range.clone()];
             match self.recipe {
                 Recipe::Mean(_) => zip_values(self.dtype, src, acc, |a, x| *a += x),
-                // As Accumulator::ema_step with a total of 1.
+                // e = decay·e + (1 − decay)·θ, the members in order.
                 Recipe::Ema(_, decay) => zip_values(self.dtype, src, acc, |a, x| {
                     *a = decay * *a + (1.0 - decay) * x
                 }),
@@ -257,6 +264,7 @@ impl BuildJob<'_> {
     }
 
     /// The model's values from the sums.
+    #[inline(always)]
     fn round<T>(&self, out: &mut [T], acc: &[f64], round: impl Fn(f64) -> T) {
         match self.recipe {
             Recipe::Mean(m) => {
@@ -419,7 +427,7 @@ fn mean_chunks<T: Send>(
 /// Calls `f(acc[i], value_i)` for the little-endian float values in `bytes` (any
 /// alignment), element by element. The loops are over typed slices without indexing, so
 /// the compiler can vectorise them.
-#[inline]
+#[inline(always)]
 fn zip_values(dtype: DType, bytes: &[u8], acc: &mut [f64], f: impl Fn(&mut f64, f64)) {
     #[inline(always)]
     fn each<const N: usize>(

@@ -252,10 +252,10 @@ impl std::fmt::Display for Rename {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match (self.strip.is_empty(), self.add.is_empty()) {
             (false, true) => write!(f, "checkpoint names without the prefix `{}`", self.strip),
-            (true, false) => write!(f, "checkpoint names with the prefix `{}`", self.add),
+            (true, false) => write!(f, "checkpoint names with `{}` added in front", self.add),
             _ => write!(
                 f,
-                "checkpoint names with the prefix `{}` in place of `{}`",
+                "checkpoint names with `{}` in front in place of `{}`",
                 self.add, self.strip
             ),
         }

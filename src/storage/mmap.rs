@@ -15,11 +15,13 @@
 //! # Resident memory
 //!
 //! Pages of a map that have been read count in the process's resident memory (RSS) until
-//! the map is dropped, and container memory limits and job schedulers charge them. A run
-//! reads each checkpoint a few times and then no longer needs it, so callers hand pages
-//! back with [`MappedFile::release`] / [`MappedFile::release_range`] once they are done;
-//! that keeps resident memory at a few checkpoints whatever their number. The file's
-//! pages stay in the page cache, so reading them again is a minor fault, not disk I/O.
+//! the map is dropped, and what watches RSS (`/usr/bin/time`, `ps`, schedulers that kill
+//! on RSS) charges them. A run reads each checkpoint a few times and then no longer needs
+//! it, so callers hand pages back with [`MappedFile::release`] /
+//! [`MappedFile::release_range`] once they are done; that keeps resident memory at a few
+//! checkpoints whatever their number. The file's pages stay in the page cache, so reading
+//! them again is a minor fault, not disk I/O. (A cgroup's memory limit charges page-cache
+//! pages whether they are mapped or not; the kernel reclaims those under pressure.)
 
 use std::fs::File;
 use std::io::Read;
@@ -37,6 +39,23 @@ pub struct MappedFile {
     map: Mmap,
     len: u64,
     modified: Option<SystemTime>,
+    /// Device and inode (Unix): a file replaced by another under the same name, size and
+    /// modification time (`cp -p`, `rsync -a`) is still noticed.
+    identity: Option<(u64, u64)>,
+}
+
+/// The device and inode of a file, where the platform has them.
+fn identity(meta: &std::fs::Metadata) -> Option<(u64, u64)> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        Some((meta.dev(), meta.ino()))
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = meta;
+        None
+    }
 }
 
 impl MappedFile {
@@ -47,13 +66,15 @@ impl MappedFile {
         if !meta.is_file() {
             return Err(Error::checkpoint(path, "not a regular file"));
         }
-        // SAFETY: the map is read-only and private to this process. The file may still be
-        // changed by another process; see the module documentation for how that is detected.
+        // SAFETY: the map is read-only (memmap2 maps the file shared, read-only) and this
+        // process never writes through it. The file may still be changed by another
+        // process; see the module documentation for how that is detected.
         let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
         Ok(Self {
             path: path.to_path_buf(),
             len: meta.len(),
             modified: meta.modified().ok(),
+            identity: identity(&meta),
             map,
         })
     }
@@ -79,11 +100,15 @@ impl MappedFile {
     }
 
     /// SHA-256 of the file, as lower-case hex. The file is read through a small buffer,
-    /// not through the map, so hashing adds nothing to resident memory; a file that no
-    /// longer matches its map (replaced or resized) is reported as changed.
+    /// not through the map, so hashing adds nothing to resident memory; a file that is no
+    /// longer the one mapped (replaced, resized, rewritten) is reported as changed.
     pub fn sha256(&self) -> Result<String> {
         use sha2::Digest;
         let mut file = File::open(&self.path).map_err(|e| Error::io(&self.path, e))?;
+        let meta = file.metadata().map_err(|e| Error::io(&self.path, e))?;
+        if !self.same_file(&meta) {
+            return Err(self.changed());
+        }
         let mut hasher = sha2::Sha256::new();
         let mut buf = vec![0u8; 1 << 20];
         let mut total = 0u64;
@@ -120,9 +145,11 @@ impl MappedFile {
         let (start, end) = (range.start, range.end.min(self.map.len()));
         if end > start {
             // (memmap2 widens the range to whole pages.)
-            // SAFETY: MADV_DONTNEED on a read-only private file mapping that this process
-            // never writes drops only clean pages; the next read faults them in again from
-            // the file, so every slice handed out by `bytes` keeps reading the same data.
+            // SAFETY: MADV_DONTNEED on a read-only file mapping that this process never
+            // writes only unmaps clean page-cache pages; the next read maps them again from
+            // the page cache (or the file), so every slice handed out by `bytes` keeps
+            // reading the same data as long as the file is not changed in place (the
+            // hazard the module documentation describes, which exists without it too).
             let _ = unsafe {
                 self.map
                     .unchecked_advise_range(UncheckedAdvice::DontNeed, start, end - start)
@@ -133,10 +160,17 @@ impl MappedFile {
     /// Fails when the file's size or modification time differ from when it was mapped.
     pub fn check_unchanged(&self) -> Result<()> {
         let meta = std::fs::metadata(&self.path).map_err(|e| Error::io(&self.path, e))?;
-        if meta.len() != self.len || meta.modified().ok() != self.modified {
+        if !self.same_file(&meta) {
             return Err(self.changed());
         }
         Ok(())
+    }
+
+    /// Whether `meta` describes the file as it was mapped.
+    fn same_file(&self, meta: &std::fs::Metadata) -> bool {
+        meta.len() == self.len
+            && meta.modified().ok() == self.modified
+            && identity(meta) == self.identity
     }
 
     fn changed(&self) -> Error {
@@ -164,6 +198,36 @@ mod tests {
         std::fs::write(&p, [2u8; 32]).unwrap();
         let err = m.check_unchanged().unwrap_err().to_string();
         assert!(err.contains("changed while it was being read"), "{err}");
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_file_replaced_with_the_same_size_and_time_is_detected() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f.bin");
+        std::fs::write(&p, [1u8; 64]).unwrap();
+        let m = MappedFile::open(&p).unwrap();
+        let mtime = std::fs::metadata(&p).unwrap().modified().unwrap();
+        // As `cp -p` or `rsync -a` through a temporary file do: another inode, same
+        // size and modification time.
+        let tmp = dir.path().join("f.tmp");
+        std::fs::write(&tmp, [2u8; 64]).unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&tmp)
+            .unwrap()
+            .set_modified(mtime)
+            .unwrap();
+        std::fs::rename(&tmp, &p).unwrap();
+        assert_eq!(std::fs::metadata(&p).unwrap().modified().unwrap(), mtime);
+        for err in [m.check_unchanged().unwrap_err(), m.sha256().unwrap_err()] {
+            assert!(
+                err.to_string().contains("changed while it was being read"),
+                "{err}"
+            );
+        }
+        // The map still reads the file as it was.
+        assert_eq!(m.bytes(), &[1u8; 64][..]);
     }
 
     /// Resident bytes of the mapping that starts at `addr`, from /proc/self/smaps.
