@@ -29,7 +29,7 @@ use crate::scoring::{
 };
 use crate::storage::writer::{shard_paths, write_safetensors, write_sharded, TensorOut};
 use crate::storage::CheckpointSet;
-use crate::strategies::{self, Context, Direction, Merged, StrategyParams};
+use crate::strategies::{self, Context, Direction, Merged, Outcome, Strategy, StrategyParams};
 
 /// The baseline a result must beat for `--require-gain`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -176,150 +176,375 @@ fn execute(
     p: &Prepared,
     hashing: std::thread::ScopedJoinHandle<'_, Result<Vec<InputFile>>>,
 ) -> Result<RunOutcome> {
-    let set = &p.set;
-    let mut hashing = Some(hashing);
-    let mut provenance = |report: &mut Report| -> Result<()> {
-        if let Some(h) = hashing.take() {
+    let run = Execution {
+        cfg,
+        say,
+        p,
+        format: p.set.checkpoints()[0].metadata().get("format").cloned(),
+    };
+    let mut provenance = Provenance(Some(hashing));
+    let rt = runtime::load(cfg.ort_lib.as_deref())?;
+    let scoring = run.scorer(&rt)?;
+    let mut report = run.common_report(&rt, &scoring);
+    let mut scorer = scoring.scorer;
+
+    // The strategies, the baseline and the report's scores share one score cache.
+    let mut scores = Scores {
+        cache: ScoreCache::new(&mut *scorer),
+        test_index: scoring.test_index,
+        test_scores: HashMap::new(),
+    };
+    let mut results = run.strategies(&mut scores, &mut report, &mut provenance)?;
+    let baseline = run.baseline(&mut scores.cache)?;
+    run.record_scores(&mut scores, &mut report)?;
+    drop(scores);
+    report.gate = gate(cfg, p.direction, results.merged.score, baseline);
+
+    run.write_weights(&mut *scorer, &mut results, &mut report, &mut provenance)?;
+    run.write_report(&results, &mut report, &mut provenance)?;
+    run.summary(&report, &results);
+    let gate_passed = report.gate.passed;
+    Ok(RunOutcome {
+        report,
+        gate_passed,
+    })
+}
+
+/// What the steps of [`execute`] share.
+struct Execution<'a> {
+    cfg: &'a MergeConfig,
+    say: &'a dyn Fn(&str),
+    p: &'a Prepared,
+    /// The checkpoints' `format` metadata, carried into every file written.
+    format: Option<String>,
+}
+
+/// The checkpoints' hashes for provenance, computed on another thread while they are
+/// scored.
+struct Provenance<'scope>(Option<std::thread::ScopedJoinHandle<'scope, Result<Vec<InputFile>>>>);
+
+impl Provenance<'_> {
+    /// Puts the hashes in `report.inputs`, waiting for them the first time; called
+    /// before each file is written.
+    fn fill(&mut self, report: &mut Report) -> Result<()> {
+        if let Some(h) = self.0.take() {
             report.inputs = h
                 .join()
                 .map_err(|_| Error::Runtime("hashing the input checkpoints failed".into()))??;
         }
         Ok(())
-    };
-
-    // ONNX Runtime and the scorer.
-    let rt = runtime::load(cfg.ort_lib.as_deref())?;
-    let rows = p.val.rows;
-    let mut scorer = OnnxScorer::new(
-        &rt,
-        &p.model,
-        p.binding.clone(),
-        p.val.clone(),
-        p.metric.clone(),
-        p.filter.clone(),
-        &SessionOptions {
-            batch_size: cfg.batch_size,
-            threads: cfg.threads,
-            output: cfg.output_name.clone(),
-            device: cfg.device,
-            io_binding: cfg.io_binding,
-        },
-    )?;
-    if let Some(why) = scorer.device_note() {
-        say(&format!("note: --device auto uses the CPU: {why}"));
     }
-    let test_index = p.test.clone().map(|(d, f)| scorer.add_dataset(d, f));
-    let batch_size = scorer.batch_size();
-    let provider = scorer.provider();
-    let io_binding = scorer.binds_weights();
-    let output_name = scorer.output_name().to_string();
-    let recalibrator = match &p.calib {
-        Some(calib) => {
-            let r = Recalibrator::new(
-                &rt,
-                &p.model,
-                &p.binding,
-                calib.clone(),
-                &SessionOptions {
-                    batch_size: cfg.calib_batch_size,
-                    threads: cfg.threads,
-                    output: None,
-                    device: cfg.device,
-                    io_binding: cfg.io_binding,
-                },
-            )?;
-            match &r {
-                Some(r) => say(&format!(
-                    "recalibrating {} BatchNorm layer{} of every candidate on {} ({} rows, batches of {})",
-                    r.batchnorm_nodes().len(),
-                    if r.batchnorm_nodes().len() == 1 { "" } else { "s" },
-                    calib.path.display(),
-                    r.rows(),
-                    r.batch_size()
-                )),
-                None => say("notice: the model has no BatchNormalization: --recalibrate-bn has nothing to do"),
+}
+
+/// The scorer and what the report says about it.
+struct Scoring {
+    scorer: Box<dyn Scorer>,
+    /// The test set's index among the scorer's data sets.
+    test_index: Option<usize>,
+    batch_size: usize,
+    provider: &'static str,
+    io_binding: bool,
+    recalibration: Option<Recalibration>,
+}
+
+/// The score cache shared by the strategies, the baseline and the report, and the test
+/// scores of the results.
+struct Scores<'s> {
+    cache: ScoreCache<'s>,
+    /// The test set's index among the scorer's data sets.
+    test_index: Option<usize>,
+    /// Test scores by candidate, so that none is computed twice.
+    test_scores: HashMap<CandidateKey, f64>,
+}
+
+impl Scores<'_> {
+    /// `candidate`'s score on the test set (`None` without one), computed once per `key`.
+    fn test_score(
+        &mut self,
+        set: &CheckpointSet,
+        key: CandidateKey,
+        candidate: Candidate<'_>,
+    ) -> Result<Option<f64>> {
+        let Some(which) = self.test_index else {
+            return Ok(None);
+        };
+        if let Some(&s) = self.test_scores.get(&key) {
+            return Ok(Some(s));
+        }
+        let s = self.cache.scorer().score_on(set, candidate, which)?;
+        self.test_scores.insert(key, s);
+        Ok(Some(s))
+    }
+}
+
+/// What the strategies produced.
+struct Results {
+    /// One per strategy, in order.
+    reports: Vec<StrategyReport>,
+    /// The best result: its index in `reports`, and its weights.
+    chosen: usize,
+    merged: Merged,
+    /// ASWA's steps, for the chart.
+    aswa_steps: Vec<strategies::Step>,
+    /// The weight files written so far.
+    written: Vec<PathBuf>,
+}
+
+impl Execution<'_> {
+    fn say(&self, line: &str) {
+        (self.say)(line)
+    }
+
+    /// The path of checkpoint `i`, as reports show it.
+    fn path_of(&self, i: usize) -> String {
+        self.p.set.checkpoints()[i].path().display().to_string()
+    }
+
+    /// The ONNX Runtime scorer on the validation (and test) data, recalibrating
+    /// BatchNorm statistics first with --recalibrate-bn.
+    fn scorer(&self, rt: &runtime::Runtime) -> Result<Scoring> {
+        let (cfg, p) = (self.cfg, self.p);
+        let mut scorer = OnnxScorer::new(
+            rt,
+            &p.model,
+            p.binding.clone(),
+            p.val.clone(),
+            p.metric.clone(),
+            p.filter.clone(),
+            &SessionOptions {
+                batch_size: cfg.batch_size,
+                threads: cfg.threads,
+                output: cfg.output_name.clone(),
+                device: cfg.device,
+                io_binding: cfg.io_binding,
+            },
+        )?;
+        if let Some(why) = scorer.device_note() {
+            self.say(&format!("note: --device auto uses the CPU: {why}"));
+        }
+        let test_index = p.test.clone().map(|(d, f)| scorer.add_dataset(d, f));
+        let batch_size = scorer.batch_size();
+        let provider = scorer.provider();
+        let io_binding = scorer.binds_weights();
+        let output_name = scorer.output_name().to_string();
+        let recalibrator = self.recalibrator(rt)?;
+        let recalibration = recalibrator.as_ref().map(|r| Recalibration {
+            calibration: cfg
+                .recalibrate_bn
+                .as_ref()
+                .map(|c| c.display().to_string())
+                .unwrap_or_default(),
+            rows: r.rows(),
+            batch_size: r.batch_size(),
+            batchnorm_layers: r.batchnorm_nodes().iter().map(|n| n.name.clone()).collect(),
+        });
+        let scorer: Box<dyn Scorer> = match recalibrator {
+            Some(recalibrator) => Box::new(Recalibrating {
+                inner: scorer,
+                recalibrator,
+            }),
+            None => Box::new(scorer),
+        };
+        self.say(&format!(
+            "scoring with {} on {} ({} rows, batches of {batch_size}, output `{}`, {}), {} is better",
+            p.metric.name(),
+            cfg.val.display(),
+            p.val.rows,
+            output_name,
+            provider,
+            if p.direction.higher_is_better {
+                "higher"
+            } else {
+                "lower"
             }
-            r
-        }
-        None => None,
-    };
-    let recalibration = recalibrator.as_ref().map(|r| Recalibration {
-        calibration: cfg
-            .recalibrate_bn
-            .as_ref()
-            .map(|c| c.display().to_string())
-            .unwrap_or_default(),
-        rows: r.rows(),
-        batch_size: r.batch_size(),
-        batchnorm_layers: r.batchnorm_nodes().iter().map(|n| n.name.clone()).collect(),
-    });
-    let mut scorer: Box<dyn Scorer> = match recalibrator {
-        Some(recalibrator) => Box::new(Recalibrating {
-            inner: scorer,
-            recalibrator,
-        }),
-        None => Box::new(scorer),
-    };
-    say(&format!(
-        "scoring with {} on {} ({} rows, batches of {batch_size}, output `{}`, {}), {} is better",
-        p.metric.name(),
-        cfg.val.display(),
-        rows,
-        output_name,
-        provider,
-        if p.direction.higher_is_better {
-            "higher"
-        } else {
-            "lower"
-        }
-    ));
+        ));
+        Ok(Scoring {
+            scorer,
+            test_index,
+            batch_size,
+            provider,
+            io_binding,
+            recalibration,
+        })
+    }
 
-    // The report's common part: what the metadata of every written file needs.
-    let path_of = |i: usize| set.checkpoints()[i].path().display().to_string();
-    let mut report = Report {
-        tool: "aswa-merge".into(),
-        version: reporting::VERSION.into(),
-        metric: p.metric.name(),
-        higher_is_better: p.direction.higher_is_better,
-        checkpoints: (0..set.len()).map(path_of).collect(),
-        inputs: Vec::new(),
-        result: None,
-        strategies: None,
-        winner: None,
-        last_test_score: None,
-        gate: Gate::default(),
-        model: p.model_path.display().to_string(),
-        validation: cfg.val.display().to_string(),
-        validation_rows: rows,
-        test: cfg.test.as_ref().map(|t| t.display().to_string()),
-        batch_size,
-        evaluations: 0,
-        onnxruntime: rt.library.display().to_string(),
-        execution_provider: provider.to_string(),
-        io_binding,
-        rename: p.binding.rename.clone(),
-        recalibration,
-        nan_scores: Vec::new(),
-        peak_rss_bytes: None,
-        skipped: p.skipped.clone(),
-    };
-    let format = set.checkpoints()[0].metadata().get("format").cloned();
+    /// The BatchNorm recalibrator for --recalibrate-bn; `None` without the flag or
+    /// when the model has no BatchNormalization.
+    fn recalibrator(&self, rt: &runtime::Runtime) -> Result<Option<Recalibrator>> {
+        let (cfg, p) = (self.cfg, self.p);
+        let Some(calib) = &p.calib else {
+            return Ok(None);
+        };
+        let r = Recalibrator::new(
+            rt,
+            &p.model,
+            &p.binding,
+            calib.clone(),
+            &SessionOptions {
+                batch_size: cfg.calib_batch_size,
+                threads: cfg.threads,
+                output: None,
+                device: cfg.device,
+                io_binding: cfg.io_binding,
+            },
+        )?;
+        match &r {
+            Some(r) => self.say(&format!(
+                "recalibrating {} BatchNorm layer{} of every candidate on {} ({} rows, batches of {})",
+                r.batchnorm_nodes().len(),
+                if r.batchnorm_nodes().len() == 1 { "" } else { "s" },
+                calib.path.display(),
+                r.rows(),
+                r.batch_size()
+            )),
+            None => self.say(
+                "notice: the model has no BatchNormalization: --recalibrate-bn has nothing to do",
+            ),
+        }
+        Ok(r)
+    }
 
-    // Strategies, sharing one score cache. Each result is scored on the test set and,
-    // with `compare -o DIR`, written as soon as it is known; only the best result so
-    // far keeps its weights, so memory does not grow with the number of strategies.
-    let mut cache = ScoreCache::new(&mut *scorer);
-    let mut test_scores: HashMap<CandidateKey, f64> = HashMap::new();
-    let mut results: Vec<StrategyReport> = Vec::new();
-    let mut aswa_steps: Vec<strategies::Step> = Vec::new();
-    let mut best: Option<(usize, Merged)> = None;
-    let mut written = Vec::new();
-    for name in &cfg.strategies {
+    /// The report's common part: what the metadata of every written file needs.
+    fn common_report(&self, rt: &runtime::Runtime, scoring: &Scoring) -> Report {
+        let (cfg, p) = (self.cfg, self.p);
+        Report {
+            tool: "aswa-merge".into(),
+            version: reporting::VERSION.into(),
+            metric: p.metric.name(),
+            higher_is_better: p.direction.higher_is_better,
+            checkpoints: (0..p.set.len()).map(|i| self.path_of(i)).collect(),
+            inputs: Vec::new(),
+            result: None,
+            strategies: None,
+            winner: None,
+            last_test_score: None,
+            gate: Gate::default(),
+            model: p.model_path.display().to_string(),
+            validation: cfg.val.display().to_string(),
+            validation_rows: p.val.rows,
+            test: cfg.test.as_ref().map(|t| t.display().to_string()),
+            batch_size: scoring.batch_size,
+            evaluations: 0,
+            onnxruntime: rt.library.display().to_string(),
+            execution_provider: scoring.provider.to_string(),
+            io_binding: scoring.io_binding,
+            rename: p.binding.rename.clone(),
+            recalibration: scoring.recalibration.clone(),
+            nan_scores: Vec::new(),
+            peak_rss_bytes: None,
+            skipped: p.skipped.clone(),
+        }
+    }
+
+    /// Runs the strategies in order and keeps the best result. Each result is scored on
+    /// the test set and, with `compare -o DIR`, written as soon as it is known; only the
+    /// best result so far keeps its weights, so memory does not grow with the number of
+    /// strategies.
+    fn strategies(
+        &self,
+        scores: &mut Scores<'_>,
+        report: &mut Report,
+        provenance: &mut Provenance<'_>,
+    ) -> Result<Results> {
+        let mut reports: Vec<StrategyReport> = Vec::new();
+        let mut aswa_steps: Vec<strategies::Step> = Vec::new();
+        let mut best: Option<(usize, Merged)> = None;
+        let mut written = Vec::new();
+        for name in &self.cfg.strategies {
+            let (mut result, merged, steps) = self.strategy(name, scores)?;
+            if name == "aswa" {
+                aswa_steps = steps;
+            }
+            if let Destination::Dir(d) = &self.cfg.destination {
+                let path = d.join(format!("{name}.safetensors"));
+                let file = self.write_now(
+                    &path,
+                    &mut scores.cache,
+                    &merged,
+                    &result,
+                    report,
+                    provenance,
+                )?;
+                result.output = Some(file.display().to_string());
+                written.push(file);
+            }
+            if best
+                .as_ref()
+                .is_none_or(|(_, b)| self.p.direction.better(merged.score, b.score))
+            {
+                best = Some((reports.len(), merged));
+            }
+            reports.push(result);
+        }
+        let Some((chosen, merged)) = best else {
+            return Err(Error::Usage("no strategy to run".into()));
+        };
+        Ok(Results {
+            reports,
+            chosen,
+            merged,
+            aswa_steps,
+            written,
+        })
+    }
+
+    /// Runs strategy `name` and scores its result on the test set and, with
+    /// --also-without-bn, without recalibration; returns its report, its result and its
+    /// steps.
+    fn strategy(
+        &self,
+        name: &str,
+        scores: &mut Scores<'_>,
+    ) -> Result<(StrategyReport, Merged, Vec<strategies::Step>)> {
+        let (cfg, set) = (self.cfg, &self.p.set);
         let strategy = strategies::by_name(name, &cfg.params)?;
         let started = Instant::now();
-        let walks = name == "aswa";
+        let outcome = self.run_strategy(&*strategy, name == "aswa", &mut scores.cache)?;
+        let merged = outcome.merged;
+        let key = if name == "ema" && merged.weights.is_some() {
+            CandidateKey::Ema(merged.members.clone(), cfg.params.ema_decay.to_bits())
+        } else {
+            CandidateKey::mean(&merged.members)
+        };
+        let test_score = scores.test_score(set, key, merged.candidate())?;
+        let result = StrategyReport {
+            strategy: name.to_string(),
+            params: strategy.params(),
+            steps: outcome
+                .steps
+                .iter()
+                .map(|s| StepReport::new(s, &self.path_of(s.checkpoint)))
+                .collect(),
+            members: merged.members.iter().map(|&i| self.path_of(i)).collect(),
+            val_score: merged.score,
+            val_score_without_bn: if cfg.also_without_bn {
+                Some(
+                    scores
+                        .cache
+                        .scorer()
+                        .score_plain(set, merged.candidate(), 0)?,
+                )
+            } else {
+                None
+            },
+            test_score,
+            output: None,
+            seconds: started.elapsed().as_secs_f64(),
+        };
+        Ok((result, merged, outcome.steps))
+    }
+
+    /// Runs `strategy` on the checkpoints; one that walks them (`walks`: ASWA) shows
+    /// its steps as a table above a progress bar.
+    fn run_strategy(
+        &self,
+        strategy: &dyn Strategy,
+        walks: bool,
+        cache: &mut ScoreCache<'_>,
+    ) -> Result<Outcome> {
+        let (cfg, p) = (self.cfg, self.p);
         let pb = progress::bar(
-            (2 * set.len()).saturating_sub(1) as u64,
+            (2 * p.set.len()).saturating_sub(1) as u64,
             cfg.quiet || !walks,
         );
         if walks {
@@ -338,227 +563,223 @@ fn execute(
             );
         };
         let mut ctx = Context {
-            set,
-            cache: &mut cache,
+            set: &p.set,
+            cache,
             direction: p.direction,
             numbers: &p.numbers,
             on_step: &mut on_step,
         };
         let outcome = strategy.run(&mut ctx)?;
         pb.finish_and_clear();
-        let merged = outcome.merged;
-        let key = if name == "ema" && merged.weights.is_some() {
-            CandidateKey::Ema(merged.members.clone(), cfg.params.ema_decay.to_bits())
-        } else {
-            CandidateKey::mean(&merged.members)
-        };
-        let test_score = match test_index {
-            Some(which) => Some(match test_scores.get(&key) {
-                Some(&s) => s,
-                None => {
-                    let s = cache.scorer().score_on(set, merged.candidate(), which)?;
-                    test_scores.insert(key, s);
-                    s
-                }
-            }),
-            None => None,
-        };
-        let mut result = StrategyReport {
-            strategy: name.clone(),
-            params: strategy.params(),
-            steps: outcome
-                .steps
-                .iter()
-                .map(|s| StepReport::new(s, &path_of(s.checkpoint)))
-                .collect(),
-            members: merged.members.iter().map(|&i| path_of(i)).collect(),
-            val_score: merged.score,
-            val_score_without_bn: if cfg.also_without_bn {
-                Some(cache.scorer().score_plain(set, merged.candidate(), 0)?)
-            } else {
-                None
-            },
-            test_score,
-            output: None,
-            seconds: started.elapsed().as_secs_f64(),
-        };
-        if walks {
-            aswa_steps = outcome.steps;
+        Ok(outcome)
+    }
+
+    /// Writes one strategy's result to `path` as soon as it is known (`compare -o
+    /// DIR`), recalibrated when the scorer recalibrates; returns the file written.
+    fn write_now(
+        &self,
+        path: &Path,
+        cache: &mut ScoreCache<'_>,
+        merged: &Merged,
+        result: &StrategyReport,
+        report: &mut Report,
+        provenance: &mut Provenance<'_>,
+    ) -> Result<PathBuf> {
+        let set = &self.p.set;
+        for c in set.checkpoints() {
+            c.check_unchanged()?;
         }
-        if let Destination::Dir(d) = &cfg.destination {
-            for c in set.checkpoints() {
-                c.check_unchanged()?;
-            }
-            let path = d.join(format!("{name}.safetensors"));
-            provenance(&mut report)?;
-            let meta = report.metadata(&result, format.as_deref());
-            let finished = cache.scorer().finalize(set, merged.candidate())?;
-            let candidate = finished
-                .as_ref()
-                .map_or(merged.candidate(), Candidate::Average);
-            let file = write_result(set, candidate, &path, &meta, cfg.shard_size)?;
-            result.output = Some(file.display().to_string());
-            written.push(file);
-        }
-        if best
+        provenance.fill(report)?;
+        let meta = report.metadata(result, self.format.as_deref());
+        let finished = cache.scorer().finalize(set, merged.candidate())?;
+        let candidate = finished
             .as_ref()
-            .is_none_or(|(_, b)| p.direction.better(merged.score, b.score))
-        {
-            best = Some((results.len(), merged));
-        }
-        results.push(result);
-    }
-    let Some((chosen, merged)) = best else {
-        return Err(Error::Usage("no strategy to run".into()));
-    };
-
-    // Baseline for --require-gain.
-    let baseline = match cfg.require_gain {
-        Some(b) => {
-            let strategy = strategies::by_name(b.strategy(), &cfg.params)?;
-            let mut none = |_: &strategies::Step| {};
-            let mut ctx = Context {
-                set,
-                cache: &mut cache,
-                direction: p.direction,
-                numbers: &p.numbers,
-                on_step: &mut none,
-            };
-            Some((b, strategy.run(&mut ctx)?.merged.score))
-        }
-        None => None,
-    };
-    if !cfg.compare {
-        if let Some(which) = test_index {
-            let last = set.len() - 1;
-            let key = CandidateKey::mean(&[last]);
-            report.last_test_score = Some(match test_scores.get(&key) {
-                Some(&s) => s,
-                None => cache
-                    .scorer()
-                    .score_on(set, Candidate::Checkpoint(last), which)?,
-            });
-        }
-    }
-    report.evaluations = cache.evaluations();
-    let diverged: Vec<String> = (0..set.len())
-        .filter(|&i| {
-            cache
-                .get(&CandidateKey::mean(&[i]))
-                .is_some_and(f64::is_nan)
-        })
-        .map(path_of)
-        .collect();
-    for d in &diverged {
-        say(&format!(
-            "warning: {d} scores NaN (its outputs are not finite: diverged weights?); it was never accepted"
-        ));
-    }
-    report.nan_scores = diverged;
-    drop(cache);
-    report.gate = gate(cfg, p.direction, merged.score, baseline);
-
-    // The checkpoints must not have changed under us.
-    for c in set.checkpoints() {
-        c.check_unchanged()?;
+            .map_or(merged.candidate(), Candidate::Average);
+        write_result(set, candidate, path, &meta, self.cfg.shard_size)
     }
 
-    // Write what is left (recalibrated, when the scorer recalibrates).
-    let finished = scorer.finalize(set, merged.candidate())?;
-    let final_candidate = finished
-        .as_ref()
-        .map_or(merged.candidate(), Candidate::Average);
-    if let Destination::File(path) = &cfg.destination {
-        provenance(&mut report)?;
-        let meta = report.metadata(&results[chosen], format.as_deref());
-        let file = write_result(set, final_candidate, path, &meta, cfg.shard_size)?;
-        results[chosen].output = Some(file.display().to_string());
-        written.push(file);
-    }
-    if let Some(path) = &cfg.export_onnx {
-        let candidate = final_candidate;
-        onnx::export(
-            &p.model,
-            &p.binding,
-            set.specs(),
-            |t| candidate.tensor_bytes(set, t),
-            path,
-        )?;
-    }
-    if cfg.compare {
-        report.winner = Some(results[chosen].strategy.clone());
-        report.strategies = Some(results.clone());
-    } else {
-        report.result = Some(results[chosen].clone());
-    }
-    provenance(&mut report)?;
-    if let Some(r) = &cfg.report {
-        report.peak_rss_bytes = crate::reporting::peak_rss_bytes();
-        report.write(r)?;
-    }
-    if let Some(path) = &cfg.plot {
-        draw(path, &report, &results, &aswa_steps, p)?;
-    }
-    let last_test_score = report.last_test_score;
-    let evaluations = report.evaluations;
-
-    // Summary.
-    if cfg.compare {
-        let with_test = cfg.test.is_some();
-        say(&reporting::compare_header(with_test, cfg.also_without_bn));
-        for r in &results {
-            say(&reporting::compare_row(r, with_test));
-        }
-        say(&format!(
-            "winner on validation: {}",
-            results[chosen].strategy
-        ));
-    } else {
-        let r = &results[chosen];
-        let member_names: Vec<&str> = merged
-            .members
-            .iter()
-            .map(|&i| p.names[i].as_str())
-            .collect();
-        let test = match (r.test_score, last_test_score) {
-            (Some(t), Some(l)) => format!(
-                "; test {} (last checkpoint: {})",
-                reporting::format_score(t),
-                reporting::format_score(l)
-            ),
-            _ => String::new(),
+    /// The baseline's validation score, for --require-gain.
+    fn baseline(&self, cache: &mut ScoreCache<'_>) -> Result<Option<(Baseline, f64)>> {
+        let Some(b) = self.cfg.require_gain else {
+            return Ok(None);
         };
-        say(&format!(
-            "result ({}): {} member{} ({}), validation {} {}{test}; {} candidate{} scored",
-            r.strategy,
-            member_names.len(),
-            if member_names.len() == 1 { "" } else { "s" },
-            member_names.join(", "),
-            p.metric.name(),
-            reporting::format_score(r.val_score),
-            evaluations,
-            if evaluations == 1 { "" } else { "s" }
-        ));
+        let strategy = strategies::by_name(b.strategy(), &self.cfg.params)?;
+        let mut none = |_: &strategies::Step| {};
+        let mut ctx = Context {
+            set: &self.p.set,
+            cache,
+            direction: self.p.direction,
+            numbers: &self.p.numbers,
+            on_step: &mut none,
+        };
+        Ok(Some((b, strategy.run(&mut ctx)?.merged.score)))
     }
-    for path in &written {
-        say(&format!("wrote {}", path.display()));
+
+    /// Puts the scoring's facts in the report: the last checkpoint's test score (main
+    /// command), the number of evaluations and the checkpoints that score NaN, with a
+    /// warning for each.
+    fn record_scores(&self, scores: &mut Scores<'_>, report: &mut Report) -> Result<()> {
+        let set = &self.p.set;
+        if !self.cfg.compare {
+            if let Some(which) = scores.test_index {
+                let last = set.len() - 1;
+                let key = CandidateKey::mean(&[last]);
+                report.last_test_score = Some(match scores.test_scores.get(&key) {
+                    Some(&s) => s,
+                    None => {
+                        scores
+                            .cache
+                            .scorer()
+                            .score_on(set, Candidate::Checkpoint(last), which)?
+                    }
+                });
+            }
+        }
+        report.evaluations = scores.cache.evaluations();
+        let diverged: Vec<String> = (0..set.len())
+            .filter(|&i| {
+                scores
+                    .cache
+                    .get(&CandidateKey::mean(&[i]))
+                    .is_some_and(f64::is_nan)
+            })
+            .map(|i| self.path_of(i))
+            .collect();
+        for d in &diverged {
+            self.say(&format!(
+                "warning: {d} scores NaN (its outputs are not finite: diverged weights?); it was never accepted"
+            ));
+        }
+        report.nan_scores = diverged;
+        Ok(())
     }
-    for path in [&cfg.export_onnx, &cfg.report, &cfg.plot]
-        .into_iter()
-        .flatten()
-    {
-        say(&format!("wrote {}", path.display()));
+
+    /// Writes the chosen result (recalibrated, when the scorer recalibrates) and the
+    /// ONNX model with its weights, once the checkpoints are known not to have changed
+    /// under us.
+    fn write_weights(
+        &self,
+        scorer: &mut dyn Scorer,
+        results: &mut Results,
+        report: &mut Report,
+        provenance: &mut Provenance<'_>,
+    ) -> Result<()> {
+        let (cfg, p) = (self.cfg, self.p);
+        let set = &p.set;
+        // The checkpoints must not have changed under us.
+        for c in set.checkpoints() {
+            c.check_unchanged()?;
+        }
+
+        let finished = scorer.finalize(set, results.merged.candidate())?;
+        let final_candidate = finished
+            .as_ref()
+            .map_or(results.merged.candidate(), Candidate::Average);
+        if let Destination::File(path) = &cfg.destination {
+            provenance.fill(report)?;
+            let chosen = &mut results.reports[results.chosen];
+            let meta = report.metadata(chosen, self.format.as_deref());
+            let file = write_result(set, final_candidate, path, &meta, cfg.shard_size)?;
+            chosen.output = Some(file.display().to_string());
+            results.written.push(file);
+        }
+        if let Some(path) = &cfg.export_onnx {
+            let candidate = final_candidate;
+            onnx::export(
+                &p.model,
+                &p.binding,
+                set.specs(),
+                |t| candidate.tensor_bytes(set, t),
+                path,
+            )?;
+        }
+        Ok(())
     }
-    if !report.gate.passed {
-        for reason in &report.gate.reasons {
-            say(&format!("gate failed: {reason}"));
+
+    /// Completes the report with the result (or every strategy's and the winner) and
+    /// writes it and the chart.
+    fn write_report(
+        &self,
+        results: &Results,
+        report: &mut Report,
+        provenance: &mut Provenance<'_>,
+    ) -> Result<()> {
+        let cfg = self.cfg;
+        let chosen = &results.reports[results.chosen];
+        if cfg.compare {
+            report.winner = Some(chosen.strategy.clone());
+            report.strategies = Some(results.reports.clone());
+        } else {
+            report.result = Some(chosen.clone());
+        }
+        provenance.fill(report)?;
+        if let Some(r) = &cfg.report {
+            report.peak_rss_bytes = crate::reporting::peak_rss_bytes();
+            report.write(r)?;
+        }
+        if let Some(path) = &cfg.plot {
+            draw(path, report, &results.reports, &results.aswa_steps, self.p)?;
+        }
+        Ok(())
+    }
+
+    /// The summary on stderr: the result, or the comparison table and the winner; the
+    /// files written; why the gate failed.
+    fn summary(&self, report: &Report, results: &Results) {
+        let (cfg, p) = (self.cfg, self.p);
+        let last_test_score = report.last_test_score;
+        let evaluations = report.evaluations;
+        let chosen = &results.reports[results.chosen];
+        if cfg.compare {
+            let with_test = cfg.test.is_some();
+            self.say(&reporting::compare_header(with_test, cfg.also_without_bn));
+            for r in &results.reports {
+                self.say(&reporting::compare_row(r, with_test));
+            }
+            self.say(&format!("winner on validation: {}", chosen.strategy));
+        } else {
+            let r = chosen;
+            let member_names: Vec<&str> = results
+                .merged
+                .members
+                .iter()
+                .map(|&i| p.names[i].as_str())
+                .collect();
+            let test = match (r.test_score, last_test_score) {
+                (Some(t), Some(l)) => format!(
+                    "; test {} (last checkpoint: {})",
+                    reporting::format_score(t),
+                    reporting::format_score(l)
+                ),
+                _ => String::new(),
+            };
+            self.say(&format!(
+                "result ({}): {} member{} ({}), validation {} {}{test}; {} candidate{} scored",
+                r.strategy,
+                member_names.len(),
+                if member_names.len() == 1 { "" } else { "s" },
+                member_names.join(", "),
+                p.metric.name(),
+                reporting::format_score(r.val_score),
+                evaluations,
+                if evaluations == 1 { "" } else { "s" }
+            ));
+        }
+        for path in &results.written {
+            self.say(&format!("wrote {}", path.display()));
+        }
+        for path in [&cfg.export_onnx, &cfg.report, &cfg.plot]
+            .into_iter()
+            .flatten()
+        {
+            self.say(&format!("wrote {}", path.display()));
+        }
+        if !report.gate.passed {
+            for reason in &report.gate.reasons {
+                self.say(&format!("gate failed: {reason}"));
+            }
         }
     }
-    let gate_passed = report.gate.passed;
-    Ok(RunOutcome {
-        report,
-        gate_passed,
-    })
 }
 
 /// What a run would do, from `--dry-run`: everything is read and checked, nothing is
