@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole test suite: formatting, lints, unit and integration tests.
+# The whole test suite: formatting, lints, API docs, unit and integration tests.
 # Fetches the ONNX Runtime library (scripts/setup-ort.sh) and makes a Python with numpy,
 # onnx and onnxruntime for the reference checks (scripts/setup-python.sh) first.
 # .ci/run calls this.
@@ -11,4 +11,5 @@ echo "ONNX Runtime: $ORT_DYLIB_PATH"
 echo "Python reference: $(scripts/setup-python.sh)"
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --locked --quiet
 cargo test --locked

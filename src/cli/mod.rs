@@ -1,5 +1,9 @@
 //! The command line: flag definitions (clap) and their translation into a
 //! [`MergeConfig`]. The binary only calls [`main`].
+//!
+//! The flags' doc comments are also their `--help` text, which writes placeholders as
+//! `<STRATEGY>`; rustdoc would take those for HTML tags.
+#![allow(rustdoc::invalid_html_tags)]
 
 use std::path::PathBuf;
 use std::process::ExitCode;
