@@ -23,6 +23,7 @@ use crate::reporting::{
 };
 use crate::scoring::batchnorm::{Recalibrating, Recalibrator};
 use crate::scoring::data::{self, DataOptions, Filter, Labels, ValidationSet};
+use crate::scoring::folding::{Folded, Folding};
 use crate::scoring::onnx::{self, Binding, OnnxModel};
 use crate::scoring::{
     runtime, CandidateKey, IoBindingMode, Metric, OnnxScorer, ScoreCache, Scorer, SessionOptions,
@@ -145,6 +146,8 @@ struct Prepared {
     model_path: PathBuf,
     model: OnnxModel,
     binding: Binding,
+    /// BatchNorm the exporter folded into the layers, when it did.
+    folding: Option<Folding>,
     val: ValidationSet,
     test: Option<(ValidationSet, Option<Filter>)>,
     calib: Option<ValidationSet>,
@@ -338,12 +341,16 @@ impl Execution<'_> {
             batch_size: r.batch_size(),
             batchnorm_layers: r.batchnorm_nodes().iter().map(|n| n.name.clone()).collect(),
         });
-        let scorer: Box<dyn Scorer> = match recalibrator {
-            Some(recalibrator) => Box::new(Recalibrating {
+        let scorer: Box<dyn Scorer> = match (recalibrator, p.folding.clone()) {
+            (Some(recalibrator), _) => Box::new(Recalibrating {
                 inner: scorer,
                 recalibrator,
             }),
-            None => Box::new(scorer),
+            (None, Some(folding)) => Box::new(Folded {
+                inner: scorer,
+                folding,
+            }),
+            (None, None) => Box::new(scorer),
         };
         self.say(&format!(
             "scoring with {} on {} ({} rows, batches of {batch_size}, output `{}`, {}), {} is better",
@@ -429,6 +436,12 @@ impl Execution<'_> {
             execution_provider: scoring.provider.to_string(),
             io_binding: scoring.io_binding,
             rename: p.binding.rename.clone(),
+            folded_batchnorm: p
+                .folding
+                .iter()
+                .flat_map(|f| &f.layers)
+                .map(|l| format!("{} into {}, eps {}", l.batchnorm, l.layer, l.eps))
+                .collect(),
             recalibration: scoring.recalibration.clone(),
             nan_scores: Vec::new(),
             peak_rss_bytes: None,
@@ -684,7 +697,13 @@ impl Execution<'_> {
             results.written.push(file);
         }
         if let Some(path) = &cfg.export_onnx {
-            let candidate = final_candidate;
+            // A model with folded BatchNorm takes the candidate folded.
+            let folded = p
+                .folding
+                .as_ref()
+                .map(|f| f.apply(set, final_candidate))
+                .transpose()?;
+            let candidate = folded.as_ref().map_or(final_candidate, Candidate::Average);
             onnx::export(
                 &p.model,
                 &p.binding,
@@ -1010,7 +1029,34 @@ fn prepare(cfg: &MergeConfig, say: &dyn Fn(&str)) -> Result<Prepared> {
     };
     check_outputs(cfg, &set, &model_path)?;
     let model = OnnxModel::load(&model_path)?;
-    let binding = onnx::plan_binding(&model, set.specs(), &cfg.allow_constant)?;
+    let (binding, folding) = match onnx::plan_binding(&model, set.specs(), &cfg.allow_constant) {
+        Ok(binding) => (binding, None),
+        // An exporter may have folded BatchNorm into the layers: score folded candidates.
+        Err(mismatch) => match Folding::plan(&model, &set)? {
+            Some(folding) => {
+                let binding = onnx::plan_folded_binding(
+                    &model,
+                    set.specs(),
+                    &cfg.allow_constant,
+                    &folding.names,
+                )
+                .map_err(|_| mismatch)?;
+                say(&format!(
+                    "note: the exporter folded BatchNorm into the preceding layers ({}); every \
+                     candidate is folded the same way to be scored, and the output keeps the \
+                     checkpoints' unfolded tensors",
+                    folding
+                        .layers
+                        .iter()
+                        .map(|l| format!("{} into {}, eps {}", l.batchnorm, l.layer, l.eps))
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                ));
+                (binding, Some(folding))
+            }
+            None => return Err(mismatch),
+        },
+    };
     if let Some(rename) = &binding.rename {
         say(&format!(
             "note: the model's initializers match the {rename} (the output keeps the checkpoints' names)"
@@ -1139,6 +1185,7 @@ fn prepare(cfg: &MergeConfig, say: &dyn Fn(&str)) -> Result<Prepared> {
         model_path,
         model,
         binding,
+        folding,
         val,
         test,
         calib,

@@ -227,3 +227,131 @@ fn a_calibration_batch_of_one_row_is_refused() {
         .code(2)
         .stderr(contains("unbiased variance needs at least 2"));
 }
+
+// ---------------------------------------------------------------- folded BatchNorm
+
+/// Runs `args` on fixtures/bn_folded/checkpoints with the `folded` or `unfolded` export;
+/// returns the scratch directory (holding out.safetensors, r.json) and the report.
+fn folded_run(model: &str, args: &[&str]) -> (tempfile::TempDir, serde_json::Value) {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("out")).unwrap();
+    cmd()
+        .args(args)
+        .arg(fixture("bn_folded/checkpoints"))
+        .arg("--model")
+        .arg(fixture(&format!("bn_folded/{model}.onnx")))
+        .arg("--val")
+        .arg(fixture("bn_folded/val.npz"))
+        .arg("-o")
+        .arg(dir.path().join(if args.first() == Some(&"compare") {
+            "out"
+        } else {
+            "out.safetensors"
+        }))
+        .arg("--report")
+        .arg(dir.path().join("r.json"))
+        .assert()
+        .success();
+    let r = read_json(&dir.path().join("r.json"));
+    (dir, r)
+}
+
+/// `torch.onnx.export`'s defaults fold BatchNorm into the convolutions (conv1 keeps its
+/// bias name, conv2 had no bias and gets a new one). Scoring each candidate folded the
+/// same way must give what the unfolded export of the same network gives: the same
+/// decisions and scores for every strategy, the same written (unfolded) tensors.
+#[test]
+fn a_model_exported_with_folded_batchnorm_scores_like_the_unfolded_export() {
+    let (_f, folded) = folded_run("folded", &["compare"]);
+    let (_u, unfolded) = folded_run("unfolded", &["compare"]);
+    let folds = folded["folded_batchnorm"]
+        .as_array()
+        .expect("folds reported");
+    assert_eq!(folds.len(), 2, "{folds:?}");
+    assert!(folds[0]
+        .as_str()
+        .unwrap()
+        .starts_with("bn1 into conv1.weight, eps 0.00001"));
+    assert!(unfolded.get("folded_batchnorm").is_none());
+    for name in [
+        "aswa",
+        "swa",
+        "uniform",
+        "ema",
+        "top-k",
+        "greedy-soup",
+        "best",
+        "last",
+    ] {
+        let (f, u) = (&folded["strategies"][name], &unfolded["strategies"][name]);
+        assert_eq!(f["members"], u["members"], "{name}");
+        let (fs, us) = (
+            f["val_score"].as_f64().unwrap(),
+            u["val_score"].as_f64().unwrap(),
+        );
+        assert!(
+            (fs - us).abs() <= 1e-6,
+            "{name}: {fs} folded vs {us} unfolded"
+        );
+    }
+    let steps = |r: &serde_json::Value| -> Vec<(String, f64)> {
+        r["strategies"]["aswa"]["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| {
+                (
+                    s["decision"].as_str().unwrap().to_string(),
+                    s["running_score"].as_f64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(steps(&folded), steps(&unfolded));
+
+    // An average written from the folded model: the checkpoints' unfolded tensors.
+    let (f, _) = folded_run("folded", &["--strategy", "uniform"]);
+    let (u, _) = folded_run("unfolded", &["--strategy", "uniform"]);
+    let (ft, _) = read_st(&f.path().join("out.safetensors"));
+    let (ut, _) = read_st(&u.path().join("out.safetensors"));
+    assert!(ft.contains_key("bn2.running_var") && !ft.contains_key("conv2.weight_bias"));
+    assert_eq!(ft, ut);
+}
+
+/// `--export-onnx` of a folded model embeds the result folded: Python onnxruntime scores
+/// the exported file as the tool reported.
+#[test]
+fn exporting_a_folded_model_embeds_the_folded_result() {
+    let dir = tempfile::tempdir().unwrap();
+    let onnx = dir.path().join("result.onnx");
+    let (_d, report) = folded_run(
+        "folded",
+        &[
+            "--strategy",
+            "uniform",
+            "--export-onnx",
+            onnx.to_str().unwrap(),
+        ],
+    );
+    let scored = python_score(&onnx, &fixture("bn_folded/val.npz"), "accuracy");
+    let reported = report["val_score"].as_f64().unwrap();
+    assert!((scored - reported).abs() <= 1e-9, "{scored} vs {reported}");
+}
+
+/// The folded values must be the fold of some checkpoint (the state the model was
+/// exported from). Without it the model is refused as before, with the explanation.
+#[test]
+fn a_folded_model_from_a_state_that_is_not_a_checkpoint_is_refused() {
+    let case = Case::digits(&[]);
+    let ck = case.ck();
+    for e in 1..=5 {
+        let name = format!("epoch_{e}.safetensors");
+        std::fs::copy(fixture("bn_folded/checkpoints").join(&name), ck.join(&name)).unwrap();
+    }
+    let model = fixture("bn_folded/folded.onnx").display().to_string();
+    let val = fixture("bn_folded/val.npz").display().to_string();
+    case.fails(
+        &["--model", &model, "--val", &val],
+        &["BatchNorm was fused", "bn2.running_var"],
+    );
+}

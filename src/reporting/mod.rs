@@ -64,6 +64,10 @@ pub struct Report {
     pub rename: Option<crate::scoring::onnx::Rename>,
     /// Checkpoints whose validation score is NaN (non-finite outputs: diverged training).
     pub nan_scores: Vec<String>,
+    /// BatchNorms the exporter folded into layers, as "BN into LAYER, eps E": every
+    /// candidate was folded the same way to be scored (absent when there were none).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub folded_batchnorm: Vec<String>,
     /// BatchNorm recalibration, when it was applied.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub recalibration: Option<Recalibration>,

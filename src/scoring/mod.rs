@@ -7,6 +7,7 @@
 
 pub mod batchnorm;
 pub mod data;
+pub mod folding;
 pub mod metrics;
 pub mod onnx;
 pub mod runtime;

@@ -105,6 +105,26 @@ pub struct OnnxModel {
     pub(crate) model: proto::ModelProto,
 }
 
+/// A Conv or Gemm node: its weight initializer, its bias initializer if any, and the
+/// weight's axis of output channels.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct WeightedLayer {
+    pub weight: String,
+    pub bias: Option<String>,
+    pub out_axis: usize,
+}
+
+/// Names that folding BatchNorm into the preceding layers changes (see
+/// [`crate::scoring::folding`]): checkpoint tensors the fold consumes, which have no
+/// initializer, and initializers the fold created, fed from a checkpoint tensor's slot.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct FoldNames {
+    /// Checkpoint tensor names with no initializer of their own.
+    pub consumed: HashSet<String>,
+    /// Checkpoint tensor name → the created initializer it feeds.
+    pub created: HashMap<String, String>,
+}
+
 /// An initializer as the model declares it.
 #[derive(Debug, Clone)]
 pub struct Initializer {
@@ -167,6 +187,65 @@ impl OnnxModel {
             .collect()
     }
 
+    /// The values of float initializer `name` as `f64` (external data read), or `None`
+    /// when there is no such float initializer.
+    pub(crate) fn initializer_f64(&self, name: &str) -> Result<Option<Vec<f64>>> {
+        let Some(t) = self.graph().initializer.iter().find(|t| t.name() == name) else {
+            return Ok(None);
+        };
+        let Some(elem) = ElemType::from_onnx(t.data_type()).filter(|e| e.is_float()) else {
+            return Ok(None);
+        };
+        let mut t = t.clone();
+        let base = self.path.parent().unwrap_or(Path::new("."));
+        inline_external(&mut t, base, &self.path)?;
+        let dtype = elem.dtype();
+        Ok(Some(match &t.raw_data {
+            Some(raw) => (0..raw.len() / dtype.size())
+                .map(|i| crate::storage::dtype::read_f64(dtype, raw, i))
+                .collect(),
+            None if !t.float_data.is_empty() => {
+                t.float_data.iter().map(|&v| f64::from(v)).collect()
+            }
+            None if !t.double_data.is_empty() => t.double_data.clone(),
+            None => return Ok(None),
+        }))
+    }
+
+    /// The Conv and Gemm nodes whose weight is an initializer: the layers BatchNorm can
+    /// be folded into.
+    pub(crate) fn weighted_layers(&self) -> Vec<WeightedLayer> {
+        let inits: HashSet<&str> = self.graph().initializer.iter().map(|t| t.name()).collect();
+        let init = |i: Option<&String>| i.filter(|n| inits.contains(n.as_str())).cloned();
+        self.graph()
+            .node
+            .iter()
+            .filter_map(|n| {
+                let out_axis = match n.op_type() {
+                    "Conv" => 0,
+                    "Gemm" => {
+                        let trans_b = n
+                            .attribute
+                            .iter()
+                            .find(|a| a.name() == "transB")
+                            .is_some_and(|a| a.i() != 0);
+                        if trans_b {
+                            0
+                        } else {
+                            1
+                        }
+                    }
+                    _ => return None,
+                };
+                Some(WeightedLayer {
+                    weight: init(n.input.get(1))?,
+                    bias: init(n.input.get(2)),
+                    out_axis,
+                })
+            })
+            .collect()
+    }
+
     /// The graph inputs that are not initializers: the data the model is fed.
     pub fn data_inputs(&self) -> Vec<ValueInfo> {
         let inits: HashSet<&str> = self.graph().initializer.iter().map(|t| t.name()).collect();
@@ -184,7 +263,7 @@ impl OnnxModel {
     }
 
     /// Operator types used by the main graph (for diagnostics).
-    fn op_types(&self) -> HashSet<&str> {
+    pub(crate) fn op_types(&self) -> HashSet<&str> {
         self.graph().node.iter().map(|n| n.op_type()).collect()
     }
 }
@@ -278,12 +357,18 @@ pub fn plan_binding(
     specs: &[TensorSpec],
     allow_constant: &[String],
 ) -> Result<Binding> {
-    let exact = bind_names(model, specs, allow_constant, None);
+    let exact = bind_names(model, specs, allow_constant, None, &FoldNames::default());
     if exact.is_ok() {
         return exact;
     }
     for rename in prefix_candidates(model, specs) {
-        if let Ok(binding) = bind_names(model, specs, allow_constant, Some(rename)) {
+        if let Ok(binding) = bind_names(
+            model,
+            specs,
+            allow_constant,
+            Some(rename),
+            &FoldNames::default(),
+        ) {
             return Ok(binding);
         }
     }
@@ -332,6 +417,18 @@ fn prefix_candidates(model: &OnnxModel, specs: &[TensorSpec]) -> Vec<Rename> {
     out
 }
 
+/// [`plan_binding`] for a model whose BatchNorm was folded into the preceding layers:
+/// the tensors `fold` consumes are not bound, and the initializers it created are fed
+/// from the checkpoint tensor slots it names.
+pub fn plan_folded_binding(
+    model: &OnnxModel,
+    specs: &[TensorSpec],
+    allow_constant: &[String],
+    fold: &FoldNames,
+) -> Result<Binding> {
+    bind_names(model, specs, allow_constant, None, fold)
+}
+
 /// [`plan_binding`] with checkpoint names mapped by `rename` (every float checkpoint
 /// tensor must carry its `strip` prefix).
 fn bind_names(
@@ -339,8 +436,12 @@ fn bind_names(
     specs: &[TensorSpec],
     allow_constant: &[String],
     rename: Option<Rename>,
+    fold: &FoldNames,
 ) -> Result<Binding> {
     let onnx_name = |name: &str| -> Option<String> {
+        if let Some(created) = fold.created.get(name) {
+            return Some(created.clone());
+        }
         match &rename {
             None => Some(name.to_string()),
             Some(r) => r.apply(name),
@@ -356,6 +457,9 @@ fn bind_names(
     let mut missing = Vec::new();
     let mut problems = Vec::new();
     for (t, spec) in specs.iter().enumerate() {
+        if fold.consumed.contains(&spec.name) {
+            continue;
+        }
         let init = onnx_name(&spec.name)
             .and_then(|n| inits.get(&n))
             // Boolean buffers are never fed: the graph keeps its own constant.
@@ -402,8 +506,11 @@ fn bind_names(
             shape: spec.shape.clone(),
         });
     }
-    let from_checkpoints: HashSet<String> =
-        specs.iter().filter_map(|s| onnx_name(&s.name)).collect();
+    let from_checkpoints: HashSet<String> = specs
+        .iter()
+        .filter(|s| !fold.consumed.contains(&s.name))
+        .filter_map(|s| onnx_name(&s.name))
+        .collect();
     let mut constants: Vec<String> = inits
         .values()
         .filter(|i| i.elem.is_some_and(ElemType::is_float))
@@ -471,7 +578,10 @@ fn mismatch_message(
     let fused = bn_missing && !has_bn;
     if fused {
         msg += "\n  - BatchNorm was fused into the preceding layers (the model has no BatchNormalization node, \
-                 but the checkpoints have running statistics): `torch.onnx.export(..., optimize=True)` does this";
+                 but the checkpoints have running statistics): `torch.onnx.export(..., optimize=True)` does this. \
+                 The tool folds candidates the same way when the fused layers keep the checkpoints' names and \
+                 their values are the fold of one of the checkpoints (the state the model was exported from); \
+                 here they are not";
     }
     if folded {
         msg += "\n  - constant folding produced new weights (names like `onnx::MatMul_123` are computed from the \

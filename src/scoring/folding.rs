@@ -1,0 +1,357 @@
+//! Models whose exporter folded BatchNorm into the preceding layers.
+//!
+//! `torch.onnx.export` with its defaults (torch 2.9+: `dynamo=True, optimize=True`; the
+//! legacy exporter in eval mode) folds a BatchNorm that follows a Conv or Linear layer
+//! into it, per output channel c, with s_c = γ_c / √(σ²_c + ε):
+//!
+//! - W'_c = W_c·s_c (W_c: the weights of output channel c), keeping the layer's weight
+//!   name;
+//! - b'_c = (b_c − μ_c)·s_c + β_c, keeping the layer's bias name, or under a new name when
+//!   the layer had no bias (then b_c = 0);
+//! - the BatchNormalization node and its four tensors disappear.
+//!
+//! Feeding a checkpoint's W where the model expects W' would score another network, so
+//! such a model cannot be scored by replacing initializers by name. [`Folding::plan`]
+//! finds which BatchNorm went into which layer, and its ε, from the model's own values:
+//! the model was exported from some training state, so its W' and b' must be the fold of
+//! one checkpoint's tensors, up to float rounding. [`Folded`] then folds every candidate
+//! the same way before scoring it. Averaging and the written output stay unfolded, as the
+//! checkpoints are: the fold only decides how a candidate is scored.
+
+use std::collections::{HashMap, HashSet};
+
+use super::onnx::{FoldNames, OnnxModel, WeightedLayer};
+use super::Scorer;
+use crate::averaging::{Candidate, Recipe, Weights};
+use crate::error::Result;
+use crate::storage::dtype::read_f64;
+use crate::storage::CheckpointSet;
+
+/// BatchNorm ε values tried, most common first (torch's default is 1e-5).
+const EPSILONS: [f64; 5] = [1e-5, 1e-3, 1e-4, 1e-6, 1e-2];
+
+/// Relative tolerance (of the largest magnitude) between the model's folded values and a
+/// checkpoint's fold: exporters fold in float32.
+const TOLERANCE: f64 = 1e-5;
+
+/// One BatchNorm folded into one layer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FoldedLayer {
+    /// The layer's weight (initializer and checkpoint tensor name).
+    pub layer: String,
+    /// The BatchNorm's name (its tensors' common prefix).
+    pub batchnorm: String,
+    pub eps: f64,
+    /// The initializer that holds the folded bias.
+    pub bias_init: String,
+    weight: usize,
+    /// The layer's own bias (a checkpoint tensor), if it has one.
+    bias: Option<usize>,
+    bn: Bn,
+    out_axis: usize,
+}
+
+/// A BatchNorm's tensors (spec indices) and channel count.
+#[derive(Debug, Clone, PartialEq)]
+struct Bn {
+    prefix: String,
+    gamma: usize,
+    beta: usize,
+    mean: usize,
+    var: usize,
+    channels: usize,
+}
+
+/// How the model's layers fold the checkpoints' BatchNorms.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Folding {
+    pub layers: Vec<FoldedLayer>,
+    /// The names the fold changes, for [`super::onnx::plan_folded_binding`].
+    pub names: FoldNames,
+}
+
+impl Folding {
+    /// The fold of the checkpoints' BatchNorms into `model`'s layers, when the model has
+    /// no BatchNormalization node, the checkpoints have BatchNorms whose tensors are not
+    /// initializers, and every one of them is found folded into a Conv or Gemm layer
+    /// (checked against the model's values). `None` otherwise.
+    pub fn plan(model: &OnnxModel, set: &CheckpointSet) -> Result<Option<Folding>> {
+        if model.op_types().contains("BatchNormalization") {
+            return Ok(None);
+        }
+        let specs = set.specs();
+        let index: HashMap<&str, usize> = specs
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.name.as_str(), i))
+            .collect();
+        let inits: HashSet<String> = model.initializers().into_iter().map(|i| i.name).collect();
+        let bns = batchnorms(set, &index, &inits);
+        if bns.is_empty() {
+            return Ok(None);
+        }
+        let mut used = vec![false; bns.len()];
+        let mut layers = Vec::new();
+        for layer in model.weighted_layers() {
+            let Some(&weight) = index.get(layer.weight.as_str()) else {
+                continue;
+            };
+            let spec = &specs[weight];
+            let (Some(&channels), Some(bias_init)) = (spec.shape.get(layer.out_axis), &layer.bias)
+            else {
+                continue;
+            };
+            if !spec.dtype.is_float() {
+                continue;
+            }
+            let (Some(model_w), Some(model_b)) = (
+                model.initializer_f64(&layer.weight)?,
+                model.initializer_f64(bias_init)?,
+            ) else {
+                continue;
+            };
+            if model_w.len() != spec.numel() || model_b.len() != channels {
+                continue;
+            }
+            let bias = index
+                .get(bias_init.as_str())
+                .copied()
+                .filter(|&b| specs[b].dtype.is_float() && specs[b].shape == [channels]);
+            let found = bns.iter().enumerate().find_map(|(k, bn)| {
+                if used[k] || bn.channels != channels {
+                    return None;
+                }
+                let probe = Probe {
+                    set,
+                    layer: &layer,
+                    weight,
+                    bias,
+                    bn,
+                    model_w: &model_w,
+                    model_b: &model_b,
+                };
+                probe.eps().map(|eps| (k, eps))
+            });
+            if let Some((k, eps)) = found {
+                used[k] = true;
+                layers.push(FoldedLayer {
+                    layer: layer.weight.clone(),
+                    batchnorm: bns[k].prefix.clone(),
+                    eps,
+                    bias_init: bias_init.clone(),
+                    weight,
+                    bias,
+                    bn: bns[k].clone(),
+                    out_axis: layer.out_axis,
+                });
+            }
+        }
+        if layers.is_empty() || used.iter().any(|u| !u) {
+            return Ok(None);
+        }
+        let mut names = FoldNames::default();
+        for l in &layers {
+            for t in [l.bn.gamma, l.bn.mean, l.bn.var] {
+                names.consumed.insert(specs[t].name.clone());
+            }
+            match l.bias {
+                // The layer's bias slot feeds the folded bias; β is consumed.
+                Some(_) => {
+                    names.consumed.insert(specs[l.bn.beta].name.clone());
+                }
+                // β's slot feeds the bias initializer the fold created.
+                None => {
+                    names
+                        .created
+                        .insert(specs[l.bn.beta].name.clone(), l.bias_init.clone());
+                }
+            }
+        }
+        Ok(Some(Folding { layers, names }))
+    }
+
+    /// `candidate` with every BatchNorm folded into its layer, as the model expects.
+    pub fn apply(&self, set: &CheckpointSet, candidate: Candidate<'_>) -> Result<Weights> {
+        let mut w = match candidate {
+            Candidate::Average(w) => w.clone(),
+            Candidate::Checkpoint(c) => Weights::build(set, Recipe::Mean(&[c])),
+        };
+        let values = |t: usize| tensor_f64(set, candidate, t);
+        for l in &self.layers {
+            let s = scales(&values(l.bn.gamma), &values(l.bn.var), l.eps);
+            let (mean, beta) = (values(l.bn.mean), values(l.bn.beta));
+            let layer_w = values(l.weight);
+            let inner = inner_size(set, l.weight, l.out_axis);
+            let folded_w: Vec<f64> = layer_w
+                .iter()
+                .enumerate()
+                .map(|(i, x)| x * s[(i / inner) % s.len()])
+                .collect();
+            w.set_values(set, l.weight, &folded_w)?;
+            let bias = l.bias.map(values);
+            let folded_b: Vec<f64> = (0..s.len())
+                .map(|c| (bias.as_ref().map_or(0.0, |b| b[c]) - mean[c]) * s[c] + beta[c])
+                .collect();
+            w.set_values(set, l.bias.unwrap_or(l.bn.beta), &folded_b)?;
+        }
+        Ok(w)
+    }
+}
+
+/// The BatchNorms of the checkpoints (`P.weight`, `P.bias`, `P.running_mean`,
+/// `P.running_var`, float vectors of one length) whose tensors are not initializers.
+fn batchnorms(
+    set: &CheckpointSet,
+    index: &HashMap<&str, usize>,
+    inits: &HashSet<String>,
+) -> Vec<Bn> {
+    let specs = set.specs();
+    let mut out = Vec::new();
+    for (mean, spec) in specs.iter().enumerate() {
+        let Some(prefix) = spec.name.strip_suffix(".running_mean") else {
+            continue;
+        };
+        if !spec.dtype.is_float() || spec.shape.len() != 1 {
+            continue;
+        }
+        let get = |suffix: &str| {
+            index
+                .get(format!("{prefix}.{suffix}").as_str())
+                .copied()
+                .filter(|&j| specs[j].dtype.is_float() && specs[j].shape == spec.shape)
+        };
+        let (Some(gamma), Some(beta), Some(var)) = (get("weight"), get("bias"), get("running_var"))
+        else {
+            continue;
+        };
+        if [gamma, beta, mean, var]
+            .iter()
+            .any(|&t| inits.contains(&specs[t].name))
+        {
+            continue;
+        }
+        out.push(Bn {
+            prefix: prefix.to_string(),
+            gamma,
+            beta,
+            mean,
+            var,
+            channels: spec.shape[0],
+        });
+    }
+    out
+}
+
+/// Whether one BatchNorm was folded into one layer, checked against the checkpoints.
+struct Probe<'a> {
+    set: &'a CheckpointSet,
+    layer: &'a WeightedLayer,
+    weight: usize,
+    bias: Option<usize>,
+    bn: &'a Bn,
+    model_w: &'a [f64],
+    model_b: &'a [f64],
+}
+
+impl Probe<'_> {
+    /// The ε with which some checkpoint's fold gives the model's values, newest
+    /// checkpoint first (models are usually exported from the last state).
+    fn eps(&self) -> Option<f64> {
+        let inner = inner_size(self.set, self.weight, self.layer.out_axis);
+        (0..self.set.len()).rev().find_map(|c| {
+            let v = |t: usize| tensor_f64(self.set, Candidate::Checkpoint(c), t);
+            let (gamma, var) = (v(self.bn.gamma), v(self.bn.var));
+            // Cheap test on the bias first: it needs only the BatchNorm's vectors.
+            let (mean, beta) = (v(self.bn.mean), v(self.bn.beta));
+            let bias = self.bias.map(v);
+            EPSILONS.iter().copied().find(|&eps| {
+                let s = scales(&gamma, &var, eps);
+                let folded_b = (0..s.len())
+                    .map(|i| (bias.as_ref().map_or(0.0, |b| b[i]) - mean[i]) * s[i] + beta[i]);
+                if !close(folded_b, self.model_b) {
+                    return false;
+                }
+                let w = v(self.weight);
+                let folded_w = w
+                    .iter()
+                    .enumerate()
+                    .map(|(i, x)| x * s[(i / inner) % s.len()]);
+                close(folded_w, self.model_w)
+            })
+        })
+    }
+}
+
+/// s_c = γ_c / √(σ²_c + ε).
+fn scales(gamma: &[f64], var: &[f64], eps: f64) -> Vec<f64> {
+    gamma
+        .iter()
+        .zip(var)
+        .map(|(g, v)| g / (v + eps).sqrt())
+        .collect()
+}
+
+/// Elements per index of axis `axis` of tensor `t` (the product of the later dims).
+fn inner_size(set: &CheckpointSet, t: usize, axis: usize) -> usize {
+    set.specs()[t].shape[axis + 1..]
+        .iter()
+        .product::<usize>()
+        .max(1)
+}
+
+/// Tensor `t` of `candidate` as `f64`.
+fn tensor_f64(set: &CheckpointSet, candidate: Candidate<'_>, t: usize) -> Vec<f64> {
+    let dtype = set.specs()[t].dtype;
+    let bytes = candidate.tensor_bytes(set, t);
+    (0..bytes.len() / dtype.size())
+        .map(|i| read_f64(dtype, bytes, i))
+        .collect()
+}
+
+/// Whether `got` matches `want` within [`TOLERANCE`] of `want`'s largest magnitude.
+fn close(got: impl Iterator<Item = f64>, want: &[f64]) -> bool {
+    let scale = want.iter().fold(0f64, |m, x| m.max(x.abs()));
+    let tol = TOLERANCE * scale.max(f64::MIN_POSITIVE);
+    let mut n = 0;
+    for (g, w) in got.zip(want) {
+        let d = (g - w).abs();
+        if d.is_nan() || d > tol {
+            return false;
+        }
+        n += 1;
+    }
+    n == want.len()
+}
+
+/// A scorer that folds every candidate's BatchNorms into their layers before scoring it
+/// (see the module documentation). What is written stays unfolded.
+pub struct Folded<S: Scorer> {
+    pub inner: S,
+    pub folding: Folding,
+}
+
+impl<S: Scorer> Scorer for Folded<S> {
+    fn score(&mut self, set: &CheckpointSet, candidate: Candidate<'_>) -> Result<f64> {
+        let w = self.folding.apply(set, candidate)?;
+        self.inner.score(set, Candidate::Average(&w))
+    }
+
+    fn score_on(
+        &mut self,
+        set: &CheckpointSet,
+        candidate: Candidate<'_>,
+        dataset: usize,
+    ) -> Result<f64> {
+        let w = self.folding.apply(set, candidate)?;
+        self.inner.score_on(set, Candidate::Average(&w), dataset)
+    }
+
+    fn score_plain(
+        &mut self,
+        set: &CheckpointSet,
+        candidate: Candidate<'_>,
+        dataset: usize,
+    ) -> Result<f64> {
+        self.score_on(set, candidate, dataset)
+    }
+}
