@@ -273,16 +273,7 @@ fn a_model_exported_with_folded_batchnorm_scores_like_the_unfolded_export() {
         .unwrap()
         .starts_with("bn1 into conv1.weight, eps 0.00001"));
     assert!(unfolded.get("folded_batchnorm").is_none());
-    for name in [
-        "aswa",
-        "swa",
-        "uniform",
-        "ema",
-        "top-k",
-        "greedy-soup",
-        "best",
-        "last",
-    ] {
+    for name in aswa_merge::strategies::ALL {
         let (f, u) = (&folded["strategies"][name], &unfolded["strategies"][name]);
         assert_eq!(f["members"], u["members"], "{name}");
         let (fs, us) = (
