@@ -860,6 +860,8 @@ pub fn plan(cfg: &MergeConfig) -> Result<Plan> {
     let validation_bytes = data_bytes(&p.val) + p.test.as_ref().map_or(0, |(d, _)| data_bytes(d));
     // Weights bound once per candidate are owned copies in the model's type (`auto`
     // binds them when CUDA is used, which `--device auto` may choose: counted then too).
+    // Folding BatchNorm into the layers scores a folded copy of each candidate.
+    let folded_copy = if p.folding.is_some() { float_bytes } else { 0 };
     let bound_copy: u64 = match (cfg.io_binding, cfg.device) {
         (IoBindingMode::On, _)
         | (IoBindingMode::Auto, crate::scoring::Device::Cuda(_) | crate::scoring::Device::Auto) => {
@@ -912,6 +914,7 @@ pub fn plan(cfg: &MergeConfig) -> Result<Plan> {
         predicted_peak_bytes: strategies_bytes
             + conversion
             + bound_copy
+            + folded_copy
             + mapped
             + validation_bytes,
         metric: p.metric.name(),
@@ -1034,13 +1037,23 @@ fn prepare(cfg: &MergeConfig, say: &dyn Fn(&str)) -> Result<Prepared> {
         // An exporter may have folded BatchNorm into the layers: score folded candidates.
         Err(mismatch) => match Folding::plan(&model, &set)? {
             Some(folding) => {
+                // What still does not match once the fold is accounted for.
                 let binding = onnx::plan_folded_binding(
                     &model,
                     set.specs(),
                     &cfg.allow_constant,
                     &folding.names,
-                )
-                .map_err(|_| mismatch)?;
+                )?;
+                if cfg.recalibrate_bn.is_some() {
+                    return Err(Error::Usage(format!(
+                        "--recalibrate-bn: the exporter folded BatchNorm into the layers of {} \
+                         ({} folded), so its statistics cannot be recalibrated in this model; \
+                         export it with `torch.onnx.export(..., dynamo=True, optimize=False)` \
+                         to recalibrate",
+                        model_path.display(),
+                        folding.layers.len()
+                    )));
+                }
                 say(&format!(
                     "note: the exporter folded BatchNorm into the preceding layers ({}); every \
                      candidate is folded the same way to be scored, and the output keeps the \

@@ -71,14 +71,12 @@ pub struct Folding {
 }
 
 impl Folding {
-    /// The fold of the checkpoints' BatchNorms into `model`'s layers, when the model has
-    /// no BatchNormalization node, the checkpoints have BatchNorms whose tensors are not
-    /// initializers, and every one of them is found folded into a Conv or Gemm layer
-    /// (checked against the model's values). `None` otherwise.
+    /// The fold of the checkpoints' BatchNorms into `model`'s layers, when the checkpoints
+    /// have BatchNorms whose tensors are not initializers and every one of them is found
+    /// folded into a Conv or Gemm layer (checked against the model's values). BatchNorms
+    /// the exporter left in place (their tensors are initializers) are bound as usual.
+    /// `None` otherwise.
     pub fn plan(model: &OnnxModel, set: &CheckpointSet) -> Result<Option<Folding>> {
-        if model.op_types().contains("BatchNormalization") {
-            return Ok(None);
-        }
         let specs = set.specs();
         let index: HashMap<&str, usize> = specs
             .iter()
@@ -117,6 +115,12 @@ impl Folding {
                 .get(bias_init.as_str())
                 .copied()
                 .filter(|&b| specs[b].dtype.is_float() && specs[b].shape == [channels]);
+            if layers
+                .iter()
+                .any(|l: &FoldedLayer| l.layer == layer.weight || &l.bias_init == bias_init)
+            {
+                continue;
+            }
             let found = bns.iter().enumerate().find_map(|(k, bn)| {
                 if used[k] || bn.channels != channels {
                     return None;
@@ -264,6 +268,7 @@ impl Probe<'_> {
             // Cheap test on the bias first: it needs only the BatchNorm's vectors.
             let (mean, beta) = (v(self.bn.mean), v(self.bn.beta));
             let bias = self.bias.map(v);
+            let mut w: Option<Vec<f64>> = None;
             EPSILONS.iter().copied().find(|&eps| {
                 let s = scales(&gamma, &var, eps);
                 let folded_b = (0..s.len())
@@ -271,7 +276,7 @@ impl Probe<'_> {
                 if !close(folded_b, self.model_b) {
                     return false;
                 }
-                let w = v(self.weight);
+                let w = w.get_or_insert_with(|| v(self.weight));
                 let folded_w = w
                     .iter()
                     .enumerate()
@@ -311,6 +316,9 @@ fn tensor_f64(set: &CheckpointSet, candidate: Candidate<'_>, t: usize) -> Vec<f6
 /// Whether `got` matches `want` within [`TOLERANCE`] of `want`'s largest magnitude.
 fn close(got: impl Iterator<Item = f64>, want: &[f64]) -> bool {
     let scale = want.iter().fold(0f64, |m, x| m.max(x.abs()));
+    if !scale.is_finite() {
+        return false;
+    }
     let tol = TOLERANCE * scale.max(f64::MIN_POSITIVE);
     let mut n = 0;
     for (g, w) in got.zip(want) {
@@ -353,5 +361,27 @@ impl<S: Scorer> Scorer for Folded<S> {
         dataset: usize,
     ) -> Result<f64> {
         self.score_on(set, candidate, dataset)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn close_needs_every_value_within_the_tolerance_and_finite_values() {
+        let want = [1.0, -2.0, 0.5];
+        assert!(close([1.0, -2.0 + 1e-6, 0.5].into_iter(), &want));
+        assert!(!close([1.0, -2.0 + 1e-3, 0.5].into_iter(), &want));
+        assert!(!close([1.0, f64::NAN, 0.5].into_iter(), &want));
+        assert!(!close([1.0, -2.0].into_iter(), &want), "a value missing");
+        // An infinite reference would make any tolerance infinite: never close.
+        assert!(!close([1.0, 2.0].into_iter(), &[1.0, f64::INFINITY]));
+    }
+
+    #[test]
+    fn scales_are_gamma_over_the_standard_deviation() {
+        let s = scales(&[2.0, 1.0], &[3.0, 0.0], 1.0);
+        assert_eq!(s, vec![1.0, 1.0]);
     }
 }

@@ -575,13 +575,18 @@ fn mismatch_message(
         .any(|m| m.ends_with("running_mean") || m.ends_with("running_var"));
     let has_bn = model.op_types().contains("BatchNormalization");
     msg += "\n  likely cause: the exporter changed the weights, so replacing them by name would score a different model:";
-    let fused = bn_missing && !has_bn;
+    let fused = bn_missing;
     if fused {
-        msg += "\n  - BatchNorm was fused into the preceding layers (the model has no BatchNormalization node, \
-                 but the checkpoints have running statistics): `torch.onnx.export(..., optimize=True)` does this. \
+        let detail = if has_bn {
+            "some of the checkpoints' running statistics are not in the model"
+        } else {
+            "the model has no BatchNormalization node, but the checkpoints have running statistics"
+        };
+        msg += &format!("\n  - BatchNorm was fused into the preceding layers ({detail}): \
+                 `torch.onnx.export(..., optimize=True)` does this. \
                  The tool folds candidates the same way when the fused layers keep the checkpoints' names and \
                  their values are the fold of one of the checkpoints (the state the model was exported from); \
-                 here they are not";
+                 here they are not");
     }
     if folded {
         msg += "\n  - constant folding produced new weights (names like `onnx::MatMul_123` are computed from the \
