@@ -433,58 +433,60 @@ fn read_other(path: &Path, name: &str) -> Result<Option<Array>> {
         .get(h.data_start..)
         .filter(|d| count.checked_mul(size).is_some_and(|n| d.len() >= n))
         .ok_or_else(|| bad("it holds less data than its header declares".into()))?;
-    let shape = {
+    // The values in the header's order, as a row-major array.
+    fn shaped<T: Clone>(h: &NpyHeader, values: Vec<T>) -> std::result::Result<ArrayD<T>, String> {
         use ndarray::ShapeBuilder;
         let dims = IxDyn(&h.shape);
-        if h.fortran_order {
+        let shape = if h.fortran_order {
             dims.f()
         } else {
             dims.into_shape_with_order()
-        }
-    };
+        };
+        ArrayD::from_shape_vec(shape, values)
+            .map(row_major)
+            .map_err(|e| e.to_string())
+    }
     let values = data[..count * size].chunks_exact(size);
-    let array = match h.descr.as_str() {
+    Ok(Some(match h.descr.as_str() {
         "<f2" => Array::F16(
-            ArrayD::from_shape_vec(
-                shape,
+            shaped(
+                &h,
                 values.map(|c| f16::from_le_bytes([c[0], c[1]])).collect(),
             )
-            .map_err(|e| bad(e.to_string()))?,
+            .map_err(bad)?,
         ),
         "<u2" => Array::I32(
-            ArrayD::from_shape_vec(
-                shape,
+            shaped(
+                &h,
                 values
                     .map(|c| i32::from(u16::from_le_bytes([c[0], c[1]])))
                     .collect(),
             )
-            .map_err(|e| bad(e.to_string()))?,
+            .map_err(bad)?,
         ),
         "<u4" => Array::I64(
-            ArrayD::from_shape_vec(
-                shape,
+            shaped(
+                &h,
                 values
                     .map(|c| i64::from(u32::from_le_bytes([c[0], c[1], c[2], c[3]])))
                     .collect(),
             )
-            .map_err(|e| bad(e.to_string()))?,
+            .map_err(bad)?,
         ),
-        _ => {
-            let v = values
-                .map(|c| {
-                    let x = u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
-                    i64::try_from(x)
-                        .map_err(|_| bad(format!("the uint64 value {x} does not fit an int64")))
-                })
-                .collect::<Result<Vec<i64>>>()?;
-            Array::I64(ArrayD::from_shape_vec(shape, v).map_err(|e| bad(e.to_string()))?)
-        }
-    };
-    Ok(Some(match array {
-        Array::F16(a) => Array::F16(row_major(a)),
-        Array::I32(a) => Array::I32(row_major(a)),
-        Array::I64(a) => Array::I64(row_major(a)),
-        other => other,
+        _ => Array::I64(
+            shaped(
+                &h,
+                values
+                    .map(|c| {
+                        let x =
+                            u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
+                        i64::try_from(x)
+                            .map_err(|_| bad(format!("the uint64 value {x} does not fit an int64")))
+                    })
+                    .collect::<Result<Vec<i64>>>()?,
+            )
+            .map_err(bad)?,
+        ),
     }))
 }
 
