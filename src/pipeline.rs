@@ -1042,7 +1042,7 @@ fn prepare(cfg: &MergeConfig, say: &dyn Fn(&str)) -> Result<Prepared> {
                     &model,
                     set.specs(),
                     &cfg.allow_constant,
-                    &folding.names,
+                    &folding.names(&set),
                 )?;
                 if cfg.recalibrate_bn.is_some() {
                     return Err(Error::Usage(format!(

@@ -373,8 +373,7 @@ pub struct Recalibrating<S: Scorer> {
 
 impl<S: Scorer> Scorer for Recalibrating<S> {
     fn score(&mut self, set: &CheckpointSet, candidate: Candidate<'_>) -> Result<f64> {
-        let w = self.recalibrator.apply(set, candidate)?;
-        self.inner.score(set, Candidate::Average(&w))
+        self.score_on(set, candidate, 0)
     }
 
     fn score_on(

@@ -66,8 +66,6 @@ struct Bn {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Folding {
     pub layers: Vec<FoldedLayer>,
-    /// The names the fold changes, for [`super::onnx::plan_folded_binding`].
-    pub names: FoldNames,
 }
 
 impl Folding {
@@ -153,8 +151,14 @@ impl Folding {
         if layers.is_empty() || used.iter().any(|u| !u) {
             return Ok(None);
         }
+        Ok(Some(Folding { layers }))
+    }
+
+    /// The names the fold changes, for [`super::onnx::plan_folded_binding`].
+    pub fn names(&self, set: &CheckpointSet) -> FoldNames {
+        let specs = set.specs();
         let mut names = FoldNames::default();
-        for l in &layers {
+        for l in &self.layers {
             for t in [l.bn.gamma, l.bn.mean, l.bn.var] {
                 names.consumed.insert(specs[t].name.clone());
             }
@@ -171,7 +175,7 @@ impl Folding {
                 }
             }
         }
-        Ok(Some(Folding { layers, names }))
+        names
     }
 
     /// `candidate` with every BatchNorm folded into its layer, as the model expects.
@@ -338,10 +342,11 @@ pub struct Folded<S: Scorer> {
     pub folding: Folding,
 }
 
+// `score_plain` keeps the trait's default (`score_on`): a folded model cannot score an
+// unfolded candidate.
 impl<S: Scorer> Scorer for Folded<S> {
     fn score(&mut self, set: &CheckpointSet, candidate: Candidate<'_>) -> Result<f64> {
-        let w = self.folding.apply(set, candidate)?;
-        self.inner.score(set, Candidate::Average(&w))
+        self.score_on(set, candidate, 0)
     }
 
     fn score_on(
@@ -352,15 +357,6 @@ impl<S: Scorer> Scorer for Folded<S> {
     ) -> Result<f64> {
         let w = self.folding.apply(set, candidate)?;
         self.inner.score_on(set, Candidate::Average(&w), dataset)
-    }
-
-    fn score_plain(
-        &mut self,
-        set: &CheckpointSet,
-        candidate: Candidate<'_>,
-        dataset: usize,
-    ) -> Result<f64> {
-        self.score_on(set, candidate, dataset)
     }
 }
 
