@@ -872,18 +872,21 @@ under 1e-5 relative noise on the model outputs).
 | `digits_bf16/expected/strategies_accuracy.json` + `strategies/<strategy>.safetensors` | the eight strategies on the BF16 checkpoints (BF16 weights, rounded once from float64) |
 | `kge/checkpoints/epoch_{1..10}.safetensors` | DistMult, `ent.weight` [40,16], `rel.weight` [4,16] |
 | `kge/model.onnx` + `model.onnx.data` | inputs `h`, `r` int64 [batch], output `scores` f32 [batch,40]; `ent.weight` external, `rel.weight` inline |
+| `kge/legacy/model.onnx` | the DistMult model in epoch_10's state exported by the legacy exporter (`scripts/gen_legacy_exports.py`): `ent.weight`, `rel.weight` and `onnx::MatMul_9` = `ent.weight` transposed (constant folding of `@ E.t()`) |
 | `kge/val.npz`, `kge/filter.npz` | `h`,`r`,`y` int64 [53]; CSR `indptr` int64 [54], `indices` int64: the other true tails of (h,r) in the whole graph (y excluded) |
 | `kge/expected/` | `aswa_mrr_filtered.json`+`.safetensors` (`--metric mrr --filter kge/filter.npz`), `aswa_hits3.json` (`--metric hits@3`, no filter) |
 | `exports/cnn_checkpoints/epoch_{1,2}.safetensors` | tiny CNN `conv` Conv2d(1,4,3,p=1) -> `bn` BatchNorm2d(4) -> ReLU -> flatten -> `fc` Linear(256,10) |
 | `exports/cnn.onnx` | dynamo=True, optimize=False: good export (positive control) |
 | `exports/fused_bn.onnx` | dynamo=True, optimize=True: BN fused into the conv but names kept (`conv.weight`/`conv.bias` hold FUSED values), `bn.*` absent, plus an int64 shape initializer |
-| `exports/fused_bn_legacy.onnx` | legacy exporter, constant folding: BN fused, conv params renamed `onnx::Conv_*` |
+| `exports/fused_bn_legacy.onnx` | legacy exporter, constant folding: BN fused, conv params renamed `onnx::Conv_*` (scored folded) |
 | `exports/folded.onnx` + `folded_checkpoints/epoch_{1,2}.safetensors` | legacy exporter, constant folding, `fc1` Linear(8,16) applied to a 3-D input: `fc1.weight` folded/transposed into `onnx::MatMul_*` [8,16] |
 | `exports/val_images.npz` | `x` f32 [101,1,8,8], `y` int64 [101] (first 101 digits val rows) |
 | `bn/checkpoints/epoch_{1..6}.safetensors` | CNN `conv` Conv2d(1,4,3,p=1) -> `bn1` BatchNorm2d(4) -> ReLU -> flatten -> `drop` Dropout(0.2) -> `fc1` Linear(256,32) -> `bn2` BatchNorm1d(32) -> ReLU -> `fc2` Linear(32,10), f32 + int64 0-dim `bn{1,2}.num_batches_tracked`. The dropout sits between the BatchNorms: `bn2`'s recalibrated stats depend on it being in eval mode |
 | `bn/model.onnx` + `model.onnx.data` | dynamo=True, optimize=False, eval mode (no Dropout node), dynamic batch, opset 20; two `BatchNormalization` nodes (epsilon 1e-5, momentum 0.9, training_mode absent = 0) reading `bn{1,2}.{weight,bias,running_mean,running_var}`; `fc1.weight`, `fc2.weight` external |
 | `bn/val.npz`, `bn/calib.npz` | val: `x` f32 [437,1,8,8], `y` int64 [437] (the digits val rows); calib: `x` f32 [200,1,8,8] only (training rows; 200 = 3*64 + 8, so the last calibration batch is partial) |
 | `bn/expected/` | `recal.json`, `recal_epoch_3.safetensors`, `recal_mean_4_6.safetensors`, `aswa_recal.safetensors` (see "BatchNorm recalibration"); `aswa_accuracy.json` = plain ASWA without recalibration, for contrast |
+
+| `bn_folded/` | made by `scripts/gen_folded_fixture.py` (and `legacy.onnx` by `scripts/gen_legacy_exports.py`): CNN conv1 (with bias) -> bn1 -> ReLU -> max-pool -> conv2 (no bias) -> bn2 -> ReLU -> mean -> fc; `checkpoints/epoch_{1..6}`, `val.npz`; `folded.onnx` (torch's default export: BN folded, names kept, `conv2.weight_bias` created), `legacy.onnx` (legacy exporter: BN folded, renamed `onnx::Conv_*`), `unfolded.onnx` (dynamo=True, optimize=False), all in epoch_6's state |
 
 All `exports/*.onnx` are single files (initializers inline). `kge/` has no
 BatchNorm: recalibration there is a no-op (with a notice).

@@ -23,8 +23,9 @@ use crate::reporting::{
 };
 use crate::scoring::batchnorm::{Recalibrating, Recalibrator};
 use crate::scoring::data::{self, DataOptions, Filter, Labels, ValidationSet};
-use crate::scoring::folding::{Folded, Folding};
+use crate::scoring::folding::{Folded, FoldedLayer, Folding};
 use crate::scoring::onnx::{self, Binding, OnnxModel};
+use crate::scoring::transposed;
 use crate::scoring::{
     runtime, CandidateKey, IoBindingMode, Metric, OnnxScorer, ScoreCache, Scorer, SessionOptions,
 };
@@ -440,8 +441,9 @@ impl Execution<'_> {
                 .folding
                 .iter()
                 .flat_map(|f| &f.layers)
-                .map(|l| format!("{} into {}, eps {}", l.batchnorm, l.layer, l.eps))
+                .map(FoldedLayer::describe)
                 .collect(),
+            transposed: transposed_names(&p.binding, &p.set),
             recalibration: scoring.recalibration.clone(),
             nan_scores: Vec::new(),
             peak_rss_bytes: None,
@@ -843,12 +845,12 @@ pub fn plan(cfg: &MergeConfig) -> Result<Plan> {
         .filter(|s| s.dtype.is_float())
         .map(|s| (s.numel() * s.dtype.size()) as u64)
         .sum();
-    // Weights in the model's type when they must be converted to be fed.
+    // Weights in the model's type (or layout) when they must be converted to be fed.
     let conversion: u64 = p
         .binding
         .bound
         .iter()
-        .filter(|b| b.elem.dtype() != set.specs()[b.tensor].dtype)
+        .filter(|b| b.transpose || b.elem.dtype() != set.specs()[b.tensor].dtype)
         .map(|b| (b.shape.iter().product::<usize>() * b.elem.dtype().size()) as u64)
         .sum();
     let data_bytes = |d: &ValidationSet| -> u64 {
@@ -958,6 +960,73 @@ fn human(bytes: u64) -> String {
     }
 }
 
+/// Which checkpoint tensors feed which initializers of `model`: by name (or a common
+/// prefix), else accounting for what the exporter derived from the parameters —
+/// BatchNorm folded into the layers ([`Folding`]), transposes stored by constant folding
+/// ([`transposed::find`]). The original mismatch when neither explains it.
+fn bind(
+    cfg: &MergeConfig,
+    model: &OnnxModel,
+    set: &CheckpointSet,
+    say: &dyn Fn(&str),
+) -> Result<(onnx::Binding, Option<Folding>)> {
+    let mismatch = match onnx::plan_binding(model, set.specs(), &cfg.allow_constant) {
+        Ok(binding) => return Ok((binding, None)),
+        Err(mismatch) => mismatch,
+    };
+    let folding = Folding::plan(model, set)?;
+    let transposed = transposed::find(model, set)?;
+    if folding.is_none() && transposed.is_empty() {
+        return Err(mismatch);
+    }
+    let mut names = folding.as_ref().map(|f| f.names(set)).unwrap_or_default();
+    names.transposed = transposed;
+    // What still does not match once the derived initializers are accounted for.
+    let binding = onnx::plan_folded_binding(model, set.specs(), &cfg.allow_constant, &names)?;
+    if let Some(folding) = &folding {
+        if cfg.recalibrate_bn.is_some() {
+            return Err(Error::Usage(format!(
+                "--recalibrate-bn: the exporter folded BatchNorm into the layers of {} \
+                 ({} folded), so its statistics cannot be recalibrated in this model; \
+                 export it with `torch.onnx.export(..., dynamo=True, optimize=False)` \
+                 to recalibrate",
+                model.path().display(),
+                folding.layers.len()
+            )));
+        }
+        say(&format!(
+            "note: the exporter folded BatchNorm into the preceding layers ({}); every \
+             candidate is folded the same way to be scored, and the output keeps the \
+             checkpoints' unfolded tensors",
+            folding
+                .layers
+                .iter()
+                .map(FoldedLayer::describe)
+                .collect::<Vec<_>>()
+                .join("; ")
+        ));
+    }
+    let transposes = transposed_names(&binding, set);
+    if !transposes.is_empty() {
+        say(&format!(
+            "note: constant folding stored transposed parameters in the model ({}); each \
+             candidate's tensor is fed transposed",
+            transposes.join("; ")
+        ));
+    }
+    Ok((binding, folding))
+}
+
+/// "INIT = TENSORᵀ" for the initializers fed a transposed checkpoint tensor.
+fn transposed_names(binding: &onnx::Binding, set: &CheckpointSet) -> Vec<String> {
+    binding
+        .bound
+        .iter()
+        .filter(|b| b.transpose)
+        .map(|b| format!("{} = {}ᵀ", b.name, set.specs()[b.tensor].name))
+        .collect()
+}
+
 /// Reads and checks every input.
 fn prepare(cfg: &MergeConfig, say: &dyn Fn(&str)) -> Result<Prepared> {
     // 1. Checkpoints.
@@ -1032,44 +1101,7 @@ fn prepare(cfg: &MergeConfig, say: &dyn Fn(&str)) -> Result<Prepared> {
     };
     check_outputs(cfg, &set, &model_path)?;
     let model = OnnxModel::load(&model_path)?;
-    let (binding, folding) = match onnx::plan_binding(&model, set.specs(), &cfg.allow_constant) {
-        Ok(binding) => (binding, None),
-        // An exporter may have folded BatchNorm into the layers: score folded candidates.
-        Err(mismatch) => match Folding::plan(&model, &set)? {
-            Some(folding) => {
-                // What still does not match once the fold is accounted for.
-                let binding = onnx::plan_folded_binding(
-                    &model,
-                    set.specs(),
-                    &cfg.allow_constant,
-                    &folding.names(&set),
-                )?;
-                if cfg.recalibrate_bn.is_some() {
-                    return Err(Error::Usage(format!(
-                        "--recalibrate-bn: the exporter folded BatchNorm into the layers of {} \
-                         ({} folded), so its statistics cannot be recalibrated in this model; \
-                         export it with `torch.onnx.export(..., dynamo=True, optimize=False)` \
-                         to recalibrate",
-                        model_path.display(),
-                        folding.layers.len()
-                    )));
-                }
-                say(&format!(
-                    "note: the exporter folded BatchNorm into the preceding layers ({}); every \
-                     candidate is folded the same way to be scored, and the output keeps the \
-                     checkpoints' unfolded tensors",
-                    folding
-                        .layers
-                        .iter()
-                        .map(|l| format!("{} into {}, eps {}", l.batchnorm, l.layer, l.eps))
-                        .collect::<Vec<_>>()
-                        .join("; ")
-                ));
-                (binding, Some(folding))
-            }
-            None => return Err(mismatch),
-        },
-    };
+    let (binding, folding) = bind(cfg, &model, &set, say)?;
     if let Some(rename) = &binding.rename {
         say(&format!(
             "note: the model's initializers match the {rename} (the output keeps the checkpoints' names)"

@@ -201,6 +201,82 @@ fn knowledge_graph_ranking_with_filter_matches_the_reference() {
     );
 }
 
+/// The legacy exporter (`dynamo=False`, constant folding) stores `ent.weight.t()` of
+/// DistMult's scoring `@ E.t()` as a new initializer `onnx::MatMul_9`: the tool feeds it
+/// each candidate's `ent.weight` transposed, so the run is the reference run of the
+/// export that keeps the names, with or without weights bound once.
+#[test]
+fn a_constant_folded_transpose_is_fed_each_candidates_tensor_transposed() {
+    let val = fixture("kge/val.npz").display().to_string();
+    let filter = fixture("kge/filter.npz").display().to_string();
+    let model = fixture("kge/legacy/model.onnx").display().to_string();
+    for binding in ["off", "on"] {
+        let run = Run::new();
+        let report = run.ok(
+            "kge/checkpoints",
+            &[
+                "--model",
+                &model,
+                "--val",
+                &val,
+                "--metric",
+                "mrr",
+                "--filter",
+                &filter,
+                "--io-binding",
+                binding,
+            ],
+        );
+        assert_eq!(
+            report["transposed"],
+            serde_json::json!(["onnx::MatMul_9 = ent.weightᵀ"]),
+            "{binding}"
+        );
+        assert_matches_reference(
+            &report,
+            &read_json(&fixture("kge/expected/aswa_mrr_filtered.json")),
+            SCORE_TOL,
+        );
+        // The output keeps the checkpoints' (untransposed) tensors.
+        assert_weights_match(
+            &run.out(),
+            &fixture("kge/expected/aswa_mrr_filtered.safetensors"),
+        );
+    }
+}
+
+/// `--export-onnx` of such a model writes the result's `ent.weight` transposed into the
+/// derived initializer: Python onnxruntime scores the file as it scores the export of the
+/// same result into the model that keeps the names.
+#[test]
+fn exporting_a_model_with_a_folded_transpose_embeds_the_transposed_result() {
+    let export = |model: &str| -> f64 {
+        let run = Run::new();
+        let onnx = run.dir.path().join("result.onnx");
+        run.ok(
+            "kge/checkpoints",
+            &[
+                "--model",
+                fixture(model).to_str().unwrap(),
+                "--val",
+                fixture("kge/val.npz").to_str().unwrap(),
+                "--metric",
+                "mrr",
+                "--strategy",
+                "uniform",
+                "--export-onnx",
+                onnx.to_str().unwrap(),
+            ],
+        );
+        python_score(&onnx, &fixture("kge/val.npz"), "mrr")
+    };
+    let (legacy, named) = (export("kge/legacy/model.onnx"), export("kge/model.onnx"));
+    assert!(
+        (legacy - named).abs() <= 1e-9 * named.abs(),
+        "{legacy} vs {named}"
+    );
+}
+
 #[test]
 fn inline_and_external_data_models_compressed_npz_and_batch_sizes_agree() {
     let base = Run::new();

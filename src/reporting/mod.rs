@@ -68,6 +68,10 @@ pub struct Report {
     /// candidate was folded the same way to be scored (absent when there were none).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub folded_batchnorm: Vec<String>,
+    /// Initializers constant folding computed as a transposed parameter, as
+    /// "INIT = TENSORᵀ": fed each candidate's tensor transposed (absent when none).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub transposed: Vec<String>,
     /// BatchNorm recalibration, when it was applied.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub recalibration: Option<Recalibration>,

@@ -20,7 +20,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use super::onnx::{FoldNames, OnnxModel, WeightedLayer};
+use super::onnx::{FoldNames, OnnxModel};
 use super::Scorer;
 use crate::averaging::{Candidate, Recipe, Weights};
 use crate::error::Result;
@@ -37,8 +37,11 @@ const TOLERANCE: f64 = 1e-5;
 /// One BatchNorm folded into one layer.
 #[derive(Debug, Clone, PartialEq)]
 pub struct FoldedLayer {
-    /// The layer's weight (initializer and checkpoint tensor name).
+    /// The layer's weight (checkpoint tensor name).
     pub layer: String,
+    /// The initializer that holds the folded weight: the layer's name, or a new one
+    /// when the exporter renamed it (the legacy exporter's `onnx::Conv_16`).
+    pub weight_init: String,
     /// The BatchNorm's name (its tensors' common prefix).
     pub batchnorm: String,
     pub eps: f64,
@@ -86,18 +89,20 @@ impl Folding {
         if bns.is_empty() {
             return Ok(None);
         }
+        let bn_tensors: HashSet<usize> = bns
+            .iter()
+            .flat_map(|b| [b.gamma, b.beta, b.mean, b.var])
+            .collect();
         let mut used = vec![false; bns.len()];
-        let mut layers = Vec::new();
+        let mut layers: Vec<FoldedLayer> = Vec::new();
         for layer in model.weighted_layers() {
-            let Some(&weight) = index.get(layer.weight.as_str()) else {
+            let Some(bias_init) = &layer.bias else {
                 continue;
             };
-            let spec = &specs[weight];
-            let (Some(&channels), Some(bias_init)) = (spec.shape.get(layer.out_axis), &layer.bias)
-            else {
-                continue;
-            };
-            if !spec.dtype.is_float() {
+            if layers
+                .iter()
+                .any(|l| l.weight_init == layer.weight || &l.bias_init == bias_init)
+            {
                 continue;
             }
             let (Some(model_w), Some(model_b)) = (
@@ -106,38 +111,64 @@ impl Folding {
             ) else {
                 continue;
             };
-            if model_w.len() != spec.numel() || model_b.len() != channels {
-                continue;
-            }
-            let bias = index
-                .get(bias_init.as_str())
-                .copied()
-                .filter(|&b| specs[b].dtype.is_float() && specs[b].shape == [channels]);
-            if layers
-                .iter()
-                .any(|l: &FoldedLayer| l.layer == layer.weight || &l.bias_init == bias_init)
-            {
-                continue;
-            }
-            let found = bns.iter().enumerate().find_map(|(k, bn)| {
-                if used[k] || bn.channels != channels {
+            // The checkpoint tensors the layer's weight can be: its own name, or — when the
+            // exporter renamed the folded weight — every free float tensor of its shape.
+            let weights: Vec<usize> = match index.get(layer.weight.as_str()) {
+                Some(&w) => vec![w],
+                None if index.contains_key(bias_init.as_str()) => Vec::new(),
+                None => {
+                    let Some(shape) = model.initializer_shape(&layer.weight) else {
+                        continue;
+                    };
+                    (0..specs.len())
+                        .filter(|&t| specs[t].shape == shape && !inits.contains(&specs[t].name))
+                        .filter(|&t| !bn_tensors.contains(&t))
+                        .filter(|&t| !layers.iter().any(|l| l.weight == t))
+                        .collect()
+                }
+            };
+            let found = weights.iter().find_map(|&weight| {
+                let spec = &specs[weight];
+                let &channels = spec.shape.get(layer.out_axis)?;
+                if !spec.dtype.is_float()
+                    || model_w.len() != spec.numel()
+                    || model_b.len() != channels
+                {
                     return None;
                 }
-                let probe = Probe {
-                    set,
-                    layer: &layer,
-                    weight,
-                    bias,
-                    bn,
-                    model_w: &model_w,
-                    model_b: &model_b,
+                // The layer's own bias: the bias initializer's name, or beside a renamed
+                // weight, the checkpoint's `<layer>.bias`.
+                let bias_name = if layer.weight == spec.name {
+                    bias_init.clone()
+                } else {
+                    format!("{}.bias", spec.name.strip_suffix(".weight")?)
                 };
-                probe.eps().map(|eps| (k, eps))
+                let bias = index
+                    .get(bias_name.as_str())
+                    .copied()
+                    .filter(|&b| specs[b].dtype.is_float() && specs[b].shape == [channels])
+                    .filter(|&b| specs[b].name == *bias_init || !inits.contains(&specs[b].name));
+                bns.iter().enumerate().find_map(|(k, bn)| {
+                    if used[k] || bn.channels != channels {
+                        return None;
+                    }
+                    let probe = Probe {
+                        set,
+                        out_axis: layer.out_axis,
+                        weight,
+                        bias,
+                        bn,
+                        model_w: &model_w,
+                        model_b: &model_b,
+                    };
+                    probe.eps().map(|eps| (weight, bias, k, eps))
+                })
             });
-            if let Some((k, eps)) = found {
+            if let Some((weight, bias, k, eps)) = found {
                 used[k] = true;
                 layers.push(FoldedLayer {
-                    layer: layer.weight.clone(),
+                    layer: specs[weight].name.clone(),
+                    weight_init: layer.weight.clone(),
                     batchnorm: bns[k].prefix.clone(),
                     eps,
                     bias_init: bias_init.clone(),
@@ -162,10 +193,18 @@ impl Folding {
             for t in [l.bn.gamma, l.bn.mean, l.bn.var] {
                 names.consumed.insert(specs[t].name.clone());
             }
+            if l.weight_init != l.layer {
+                names.created.insert(l.layer.clone(), l.weight_init.clone());
+            }
             match l.bias {
                 // The layer's bias slot feeds the folded bias; β is consumed.
-                Some(_) => {
+                Some(b) => {
                     names.consumed.insert(specs[l.bn.beta].name.clone());
+                    if specs[b].name != l.bias_init {
+                        names
+                            .created
+                            .insert(specs[b].name.clone(), l.bias_init.clone());
+                    }
                 }
                 // β's slot feeds the bias initializer the fold created.
                 None => {
@@ -250,10 +289,26 @@ fn batchnorms(
     out
 }
 
+impl FoldedLayer {
+    /// "BN into LAYER, eps E", with the initializer when the exporter renamed the layer.
+    pub fn describe(&self) -> String {
+        let renamed = if self.weight_init == self.layer {
+            String::new()
+        } else {
+            format!(" (initializer {})", self.weight_init)
+        };
+        format!(
+            "{} into {}{renamed}, eps {}",
+            self.batchnorm, self.layer, self.eps
+        )
+    }
+}
+
 /// Whether one BatchNorm was folded into one layer, checked against the checkpoints.
 struct Probe<'a> {
     set: &'a CheckpointSet,
-    layer: &'a WeightedLayer,
+    /// The layer weight's axis of output channels.
+    out_axis: usize,
     weight: usize,
     bias: Option<usize>,
     bn: &'a Bn,
@@ -265,7 +320,7 @@ impl Probe<'_> {
     /// The ε with which some checkpoint's fold gives the model's values, newest
     /// checkpoint first (models are usually exported from the last state).
     fn eps(&self) -> Option<f64> {
-        let inner = inner_size(self.set, self.weight, self.layer.out_axis);
+        let inner = inner_size(self.set, self.weight, self.out_axis);
         (0..self.set.len()).rev().find_map(|c| {
             let v = |t: usize| tensor_f64(self.set, Candidate::Checkpoint(c), t);
             let (gamma, var) = (v(self.bn.gamma), v(self.bn.var));

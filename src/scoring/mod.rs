@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod onnx;
 pub mod runtime;
 pub mod session;
+pub mod transposed;
 
 use std::collections::HashMap;
 

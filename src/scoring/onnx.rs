@@ -123,6 +123,9 @@ pub struct FoldNames {
     pub consumed: HashSet<String>,
     /// Checkpoint tensor name → the created initializer it feeds.
     pub created: HashMap<String, String>,
+    /// Initializer name → the checkpoint tensor whose transpose it is (constant folding
+    /// computed it, e.g. `onnx::MatMul_9` for `x @ emb.weight.t()`); fed transposed.
+    pub transposed: HashMap<String, String>,
 }
 
 /// An initializer as the model declares it.
@@ -187,9 +190,25 @@ impl OnnxModel {
             .collect()
     }
 
+    /// The dims of initializer `name`, if it exists and none is negative.
+    pub(crate) fn initializer_shape(&self, name: &str) -> Option<Vec<usize>> {
+        let t = self.graph().initializer.iter().find(|t| t.name() == name)?;
+        t.dims.iter().map(|&d| usize::try_from(d).ok()).collect()
+    }
+
     /// The values of float initializer `name` as `f64` (external data read), or `None`
     /// when there is no such float initializer.
     pub(crate) fn initializer_f64(&self, name: &str) -> Result<Option<Vec<f64>>> {
+        Ok(self.initializer_raw(name)?.map(|(dtype, raw)| {
+            (0..raw.len() / dtype.size())
+                .map(|i| crate::storage::dtype::read_f64(dtype, &raw, i))
+                .collect()
+        }))
+    }
+
+    /// The values of float initializer `name` as little-endian bytes of its type (external
+    /// data read), or `None` when there is no such float initializer.
+    pub(crate) fn initializer_raw(&self, name: &str) -> Result<Option<(DType, Vec<u8>)>> {
         let Some(t) = self.graph().initializer.iter().find(|t| t.name() == name) else {
             return Ok(None);
         };
@@ -200,16 +219,33 @@ impl OnnxModel {
         let base = self.path.parent().unwrap_or(Path::new("."));
         inline_external(&mut t, base, &self.path)?;
         let dtype = elem.dtype();
-        Ok(Some(match &t.raw_data {
-            Some(raw) => (0..raw.len() / dtype.size())
-                .map(|i| crate::storage::dtype::read_f64(dtype, raw, i))
-                .collect(),
+        let raw = match t.raw_data {
+            Some(raw) => raw,
             None if !t.float_data.is_empty() => {
-                t.float_data.iter().map(|&v| f64::from(v)).collect()
+                t.float_data.iter().flat_map(|v| v.to_le_bytes()).collect()
             }
-            None if !t.double_data.is_empty() => t.double_data.clone(),
+            None if !t.double_data.is_empty() => {
+                t.double_data.iter().flat_map(|v| v.to_le_bytes()).collect()
+            }
+            // 16-bit floats without raw data: one value per int32, in its low bits.
+            None if !t.int32_data.is_empty() && dtype.size() == 2 => t
+                .int32_data
+                .iter()
+                .flat_map(|&v| (v as u16).to_le_bytes())
+                .collect(),
             None => return Ok(None),
-        }))
+        };
+        let numel = t.dims.iter().map(|&d| d.max(0) as usize).product::<usize>();
+        if raw.len() != numel * dtype.size() {
+            return Err(Error::model(
+                &self.path,
+                format!(
+                    "initializer `{name}` holds {} bytes for {numel} {dtype} elements",
+                    raw.len()
+                ),
+            ));
+        }
+        Ok(Some((dtype, raw)))
     }
 
     /// The Conv and Gemm nodes whose weight is an initializer: the layers BatchNorm can
@@ -296,7 +332,25 @@ pub struct Bound {
     pub name: String,
     /// The model's element type for it (the checkpoint's values are converted if it differs).
     pub elem: ElemType,
+    /// The initializer's shape.
     pub shape: Vec<usize>,
+    /// The initializer is the transpose of the (2-D) checkpoint tensor: fed transposed.
+    pub transpose: bool,
+}
+
+impl Bound {
+    /// The checkpoint tensor's bytes (of type `dtype`) laid out as the initializer is:
+    /// transposed when [`Bound::transpose`], else as they are.
+    pub fn layout<'a>(&self, dtype: DType, bytes: &'a [u8]) -> std::borrow::Cow<'a, [u8]> {
+        if !self.transpose {
+            return std::borrow::Cow::Borrowed(bytes);
+        }
+        let mut out = vec![0u8; bytes.len()];
+        // The initializer is [cols, rows] for the checkpoint's [rows, cols].
+        let (rows, cols) = (self.shape[1], self.shape[0]);
+        crate::storage::dtype::transpose_into(bytes, rows, cols, dtype.size(), &mut out);
+        std::borrow::Cow::Owned(out)
+    }
 }
 
 /// Which checkpoint tensors replace which initializers.
@@ -456,6 +510,7 @@ fn bind_names(
     let mut unused_integer = Vec::new();
     let mut missing = Vec::new();
     let mut problems = Vec::new();
+    let fed_transposed: HashSet<&str> = fold.transposed.values().map(String::as_str).collect();
     for (t, spec) in specs.iter().enumerate() {
         if fold.consumed.contains(&spec.name) {
             continue;
@@ -465,7 +520,7 @@ fn bind_names(
             // Boolean buffers are never fed: the graph keeps its own constant.
             .filter(|_| spec.dtype != DType::Bool);
         let Some(init) = init else {
-            if spec.dtype.is_float() {
+            if spec.dtype.is_float() && !fed_transposed.contains(spec.name.as_str()) {
                 missing.push(spec.name.clone());
             } else {
                 unused_integer.push(spec.name.clone());
@@ -504,12 +559,46 @@ fn bind_names(
             name: init.name.clone(),
             elem,
             shape: spec.shape.clone(),
+            transpose: false,
+        });
+    }
+    // Initializers that are transposed checkpoint tensors, in name order.
+    let mut transposed: Vec<(&String, &String)> = fold.transposed.iter().collect();
+    transposed.sort();
+    for (name, source) in transposed {
+        let t = specs.iter().position(|s| &s.name == source);
+        let init = inits
+            .get(name)
+            .filter(|i| i.elem.is_some_and(ElemType::is_float));
+        let (Some(t), Some(init), Some(elem)) = (t, init, init.and_then(|i| i.elem)) else {
+            problems.push(format!(
+                "`{name}` is not a float initializer the checkpoints' `{source}` can feed"
+            ));
+            continue;
+        };
+        let dims: Vec<usize> = init.dims.iter().map(|&d| d.max(0) as usize).collect();
+        let spec = &specs[t];
+        if spec.shape.len() != 2 || dims != [spec.shape[1], spec.shape[0]] || !spec.dtype.is_float()
+        {
+            problems.push(format!(
+                "`{name}` has shape {dims:?}, not the transpose of `{source}` {:?}",
+                spec.shape
+            ));
+            continue;
+        }
+        bound.push(Bound {
+            tensor: t,
+            name: name.clone(),
+            elem,
+            shape: dims,
+            transpose: true,
         });
     }
     let from_checkpoints: HashSet<String> = specs
         .iter()
         .filter(|s| !fold.consumed.contains(&s.name))
         .filter_map(|s| onnx_name(&s.name))
+        .chain(fold.transposed.keys().cloned())
         .collect();
     let mut constants: Vec<String> = inits
         .values()
@@ -584,13 +673,13 @@ fn mismatch_message(
         };
         msg += &format!("\n  - BatchNorm was fused into the preceding layers ({detail}): \
                  `torch.onnx.export(..., optimize=True)` does this. \
-                 The tool folds candidates the same way when the fused layers keep the checkpoints' names and \
-                 their values are the fold of one of the checkpoints (the state the model was exported from); \
-                 here they are not");
+                 The tool folds candidates the same way when the fused layers' values are the fold of one of \
+                 the checkpoints (the state the model was exported from); here they are not");
     }
     if folded {
         msg += "\n  - constant folding produced new weights (names like `onnx::MatMul_123` are computed from the \
-                 parameters, e.g. transposed copies)";
+                 parameters). The tool feeds a transposed copy the candidate's tensor transposed when it is the \
+                 transpose of one of the checkpoints (the state the model was exported from); here it is not";
     }
     if !folded && !fused {
         msg += "\n  - the model and the checkpoints come from different architectures or versions of the code, \
@@ -685,8 +774,11 @@ pub fn export_with_limit<'a>(
     for t in &mut graph.initializer {
         if let Some(b) = bound.get(t.name()) {
             let from = specs[b.tensor].dtype;
-            let bytes =
-                crate::storage::dtype::convert_bytes(from, b.elem.dtype(), tensor(b.tensor));
+            let bytes = crate::storage::dtype::convert_bytes(
+                from,
+                b.elem.dtype(),
+                &b.layout(from, tensor(b.tensor)),
+            );
             t.float_data.clear();
             t.double_data.clear();
             t.int32_data.clear();

@@ -23,7 +23,7 @@ use ort::value::{DynValue, Tensor, TensorRef};
 
 use super::data::{Array, Filter, ValidationSet};
 use super::metrics::{Accumulator, Metric};
-use super::onnx::{self, Binding, ElemType, OnnxModel};
+use super::onnx::{self, Binding, Bound, ElemType, OnnxModel};
 use super::runtime::Runtime;
 use super::Scorer;
 use crate::averaging::Candidate;
@@ -264,12 +264,20 @@ impl Feeder {
         for (b, s) in binding.bound.iter().zip(scratch.iter_mut()) {
             let bytes = candidate.tensor_bytes(set, b.tensor);
             let from = specs[b.tensor].dtype;
-            sources.push(prepare(from, b.elem, bytes, s));
+            if b.transpose {
+                s.transpose(b, from, bytes);
+                let t = std::mem::take(&mut s.transposed);
+                let n = bytes.len();
+                sources.push(prepare(from, b.elem, &bytemuck::cast_slice(&t)[..n], s));
+                s.transposed = t;
+            } else {
+                sources.push(prepare(from, b.elem, bytes, s));
+            }
         }
         // Pass 2: views over the candidate's memory or the scratch buffers.
         let mut weights: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = Vec::new();
         for ((b, s), &source) in binding.bound.iter().zip(scratch.iter()).zip(&sources) {
-            let bytes = candidate.tensor_bytes(set, b.tensor);
+            let bytes = s.weight_bytes(b, candidate.tensor_bytes(set, b.tensor));
             let shape: Vec<i64> = b.shape.iter().map(|&d| d as i64).collect();
             weights.push((
                 Cow::Borrowed(b.name.as_str()),
@@ -383,6 +391,28 @@ struct Scratch {
     bf16: Vec<bf16>,
     f64: Vec<f64>,
     raw: Vec<u64>,
+    /// The candidate's tensor transposed, for a [`Bound::transpose`] initializer (u64
+    /// words: aligned for every element type).
+    transposed: Vec<u64>,
+}
+
+impl Scratch {
+    /// Fills [`Scratch::transposed`] with `bytes` (of type `dtype`) laid out as `b` is.
+    fn transpose(&mut self, b: &Bound, dtype: DType, bytes: &[u8]) {
+        self.transposed.resize(bytes.len().div_ceil(8), 0);
+        let out = &mut bytemuck::cast_slice_mut::<u64, u8>(&mut self.transposed)[..bytes.len()];
+        let (rows, cols) = (b.shape[1], b.shape[0]);
+        crate::storage::dtype::transpose_into(bytes, rows, cols, dtype.size(), out);
+    }
+
+    /// The bytes fed for `b`: the candidate's `bytes`, or their transposed copy.
+    fn weight_bytes<'a>(&'a self, b: &Bound, bytes: &'a [u8]) -> &'a [u8] {
+        if b.transpose {
+            &bytemuck::cast_slice::<u64, u8>(&self.transposed)[..bytes.len()]
+        } else {
+            bytes
+        }
+    }
 }
 
 impl OnnxScorer {

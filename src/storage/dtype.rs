@@ -180,6 +180,36 @@ pub fn to_f16(from: DType, bytes: &[u8], out: &mut [f16]) {
     }
 }
 
+/// `v` rounded to float type `to` and widened back (what a tensor of type `to` holds
+/// for the value `v`).
+pub(crate) fn rounded_to(to: DType, v: f64) -> f64 {
+    match to {
+        DType::F32 => f64::from(v as f32),
+        DType::F16 => f16_from_f64(v).to_f64(),
+        DType::BF16 => bf16_from_f64(v).to_f64(),
+        _ => v,
+    }
+}
+
+/// Writes the transpose of the row-major `rows` × `cols` matrix in `bytes` (elements of
+/// `size` bytes) into `out` (`cols` × `rows`), in tiles that stay in the cache.
+pub fn transpose_into(bytes: &[u8], rows: usize, cols: usize, size: usize, out: &mut [u8]) {
+    const TILE: usize = 32;
+    debug_assert_eq!(bytes.len(), rows * cols * size);
+    debug_assert_eq!(out.len(), bytes.len());
+    for r0 in (0..rows).step_by(TILE) {
+        for c0 in (0..cols).step_by(TILE) {
+            for r in r0..(r0 + TILE).min(rows) {
+                for c in c0..(c0 + TILE).min(cols) {
+                    let from = (r * cols + c) * size;
+                    let to = (c * rows + r) * size;
+                    out[to..to + size].copy_from_slice(&bytes[from..from + size]);
+                }
+            }
+        }
+    }
+}
+
 /// Float bytes of type `from` as bytes of float type `to` (a copy when they match;
 /// rounded to nearest-even when `to` is narrower).
 pub fn convert_bytes(from: DType, to: DType, bytes: &[u8]) -> Vec<u8> {
@@ -205,6 +235,25 @@ pub fn convert_bytes(from: DType, to: DType, bytes: &[u8]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn transpose_moves_every_element_to_its_mirrored_place() {
+        // A 3 × 70 matrix of u16 (crosses tile edges): out[c][r] = in[r][c].
+        let (rows, cols) = (3, 70);
+        let vals: Vec<u16> = (0..rows * cols).map(|i| i as u16).collect();
+        let bytes: Vec<u8> = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let mut out = vec![0u8; bytes.len()];
+        transpose_into(&bytes, rows, cols, 2, &mut out);
+        for r in 0..rows {
+            for c in 0..cols {
+                let at = (c * rows + r) * 2;
+                assert_eq!(
+                    u16::from_le_bytes([out[at], out[at + 1]]),
+                    (r * cols + c) as u16
+                );
+            }
+        }
+    }
 
     #[test]
     fn sizes_match_safetensors() {
