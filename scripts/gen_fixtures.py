@@ -868,6 +868,7 @@ under 1e-5 relative noise on the model outputs).
 | `digits/expected/strategies_accuracy.json` + `strategies/<strategy>.safetensors` | all eight selection strategies, default parameters, accuracy, with test scores (see "Selection strategies") |
 | `digits/expected/strategies_params.json` + `strategies_params/<strategy>.safetensors` | swa, uniform, ema, top-k, greedy-soup with non-default parameters |
 | `digits_f16/checkpoints/`, `digits_bf16/checkpoints/` | the digits checkpoints with float tensors cast to F16 / BF16 (`num_batches_tracked` stays I64). No model copy: use `--model fixtures/digits/model.onnx --val fixtures/digits/val.npz` |
+| `digits_f16/half/folded.onnx`, `unfolded.onnx` | the digits MLP in epoch_15's float16 state as a float16 model (`model.half()`), by `scripts/gen_legacy_exports.py`: torch's default export (BatchNorm folded into `fc1` in float16) and `dynamo=True, optimize=False` |
 | `digits_{f16,bf16}/expected/` | `aswa_accuracy.json`+`.safetensors` (final weights in F16/BF16), `aswa_cross_entropy.json` |
 | `digits_bf16/expected/strategies_accuracy.json` + `strategies/<strategy>.safetensors` | the eight strategies on the BF16 checkpoints (BF16 weights, rounded once from float64) |
 | `kge/checkpoints/epoch_{1..10}.safetensors` | DistMult, `ent.weight` [40,16], `rel.weight` [4,16] |

@@ -25,14 +25,21 @@ use super::Scorer;
 use crate::averaging::{Candidate, Recipe, Weights};
 use crate::error::Result;
 use crate::storage::dtype::read_f64;
-use crate::storage::CheckpointSet;
+use crate::storage::{CheckpointSet, DType};
 
 /// BatchNorm ε values tried, most common first (torch's default is 1e-5).
 const EPSILONS: [f64; 5] = [1e-5, 1e-3, 1e-4, 1e-6, 1e-2];
 
 /// Relative tolerance (of the largest magnitude) between the model's folded values and a
-/// checkpoint's fold: exporters fold in float32.
-const TOLERANCE: f64 = 1e-5;
+/// checkpoint's fold, by the type of the model's initializers: a few units in the last
+/// place of that type (exporters fold in it, or in float32 and round).
+fn tolerance(dtype: DType) -> f64 {
+    match dtype {
+        DType::F16 => 4e-3,
+        DType::BF16 => 3e-2,
+        _ => 1e-5,
+    }
+}
 
 /// One BatchNorm folded into one layer.
 #[derive(Debug, Clone, PartialEq)]
@@ -105,12 +112,13 @@ impl Folding {
             {
                 continue;
             }
-            let (Some(model_w), Some(model_b)) = (
+            let (Some((w_type, model_w)), Some((b_type, model_b))) = (
                 model.initializer_f64(&layer.weight)?,
                 model.initializer_f64(bias_init)?,
             ) else {
                 continue;
             };
+            let tol = tolerance(w_type).max(tolerance(b_type));
             // The checkpoint tensors the layer's weight can be: its own name, or — when the
             // exporter renamed the folded weight — every free float tensor of its shape.
             let weights: Vec<usize> = match index.get(layer.weight.as_str()) {
@@ -160,6 +168,7 @@ impl Folding {
                         bn,
                         model_w: &model_w,
                         model_b: &model_b,
+                        tol,
                     };
                     probe.eps().map(|eps| (weight, bias, k, eps))
                 })
@@ -314,6 +323,8 @@ struct Probe<'a> {
     bn: &'a Bn,
     model_w: &'a [f64],
     model_b: &'a [f64],
+    /// See [`tolerance`].
+    tol: f64,
 }
 
 impl Probe<'_> {
@@ -332,7 +343,7 @@ impl Probe<'_> {
                 let s = scales(&gamma, &var, eps);
                 let folded_b = (0..s.len())
                     .map(|i| (bias.as_ref().map_or(0.0, |b| b[i]) - mean[i]) * s[i] + beta[i]);
-                if !close(folded_b, self.model_b) {
+                if !close(folded_b, self.model_b, self.tol) {
                     return false;
                 }
                 let w = w.get_or_insert_with(|| v(self.weight));
@@ -340,7 +351,7 @@ impl Probe<'_> {
                     .iter()
                     .enumerate()
                     .map(|(i, x)| x * s[(i / inner) % s.len()]);
-                close(folded_w, self.model_w)
+                close(folded_w, self.model_w, self.tol)
             })
         })
     }
@@ -372,13 +383,13 @@ fn tensor_f64(set: &CheckpointSet, candidate: Candidate<'_>, t: usize) -> Vec<f6
         .collect()
 }
 
-/// Whether `got` matches `want` within [`TOLERANCE`] of `want`'s largest magnitude.
-fn close(got: impl Iterator<Item = f64>, want: &[f64]) -> bool {
+/// Whether `got` matches `want` within `rel` of `want`'s largest magnitude.
+fn close(got: impl Iterator<Item = f64>, want: &[f64], rel: f64) -> bool {
     let scale = want.iter().fold(0f64, |m, x| m.max(x.abs()));
     if !scale.is_finite() {
         return false;
     }
-    let tol = TOLERANCE * scale.max(f64::MIN_POSITIVE);
+    let tol = rel * scale.max(f64::MIN_POSITIVE);
     let mut n = 0;
     for (g, w) in got.zip(want) {
         let d = (g - w).abs();
@@ -422,12 +433,20 @@ mod tests {
     #[test]
     fn close_needs_every_value_within_the_tolerance_and_finite_values() {
         let want = [1.0, -2.0, 0.5];
-        assert!(close([1.0, -2.0 + 1e-6, 0.5].into_iter(), &want));
-        assert!(!close([1.0, -2.0 + 1e-3, 0.5].into_iter(), &want));
-        assert!(!close([1.0, f64::NAN, 0.5].into_iter(), &want));
-        assert!(!close([1.0, -2.0].into_iter(), &want), "a value missing");
+        let tol = tolerance(DType::F32);
+        assert!(close([1.0, -2.0 + 1e-6, 0.5].into_iter(), &want, tol));
+        assert!(!close([1.0, -2.0 + 1e-3, 0.5].into_iter(), &want, tol));
+        assert!(!close([1.0, f64::NAN, 0.5].into_iter(), &want, tol));
+        assert!(
+            !close([1.0, -2.0].into_iter(), &want, tol),
+            "a value missing"
+        );
+        // A float16 model's fold is as close as float16 allows.
+        let tol = tolerance(DType::F16);
+        assert!(close([1.0, -2.0 + 2e-3, 0.5].into_iter(), &want, tol));
+        assert!(!close([1.0, -2.0 + 1e-1, 0.5].into_iter(), &want, tol));
         // An infinite reference would make any tolerance infinite: never close.
-        assert!(!close([1.0, 2.0].into_iter(), &[1.0, f64::INFINITY]));
+        assert!(!close([1.0, 2.0].into_iter(), &[1.0, f64::INFINITY], 1e-5));
     }
 
     #[test]

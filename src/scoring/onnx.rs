@@ -196,13 +196,14 @@ impl OnnxModel {
         t.dims.iter().map(|&d| usize::try_from(d).ok()).collect()
     }
 
-    /// The values of float initializer `name` as `f64` (external data read), or `None`
-    /// when there is no such float initializer.
-    pub(crate) fn initializer_f64(&self, name: &str) -> Result<Option<Vec<f64>>> {
+    /// The type and values (as `f64`, external data read) of float initializer `name`, or
+    /// `None` when there is no such float initializer.
+    pub(crate) fn initializer_f64(&self, name: &str) -> Result<Option<(DType, Vec<f64>)>> {
         Ok(self.initializer_raw(name)?.map(|(dtype, raw)| {
-            (0..raw.len() / dtype.size())
+            let values = (0..raw.len() / dtype.size())
                 .map(|i| crate::storage::dtype::read_f64(dtype, &raw, i))
-                .collect()
+                .collect();
+            (dtype, values)
         }))
     }
 
