@@ -974,15 +974,36 @@ fn bind(
         Ok(binding) => return Ok((binding, None)),
         Err(mismatch) => mismatch,
     };
-    let folding = Folding::plan(model, set)?;
-    let transposed = transposed::find(model, set)?;
-    if folding.is_none() && transposed.is_empty() {
-        return Err(mismatch);
+    // The checkpoints' own names first, then with a wrapper's prefix mapped.
+    let renames = std::iter::once(None).chain(
+        onnx::prefix_candidates(model, set.specs())
+            .into_iter()
+            .map(Some),
+    );
+    let mut derived = None;
+    for rename in renames {
+        let folding = Folding::plan(model, set, rename.as_ref())?;
+        let transposed = transposed::find(model, set, rename.as_ref())?;
+        if folding.is_some() || !transposed.is_empty() {
+            let mut names = folding.as_ref().map(|f| f.names(set)).unwrap_or_default();
+            names.transposed = transposed;
+            // What still does not match once the derived initializers are accounted for.
+            let binding =
+                onnx::plan_folded_binding(model, set.specs(), &cfg.allow_constant, &names, rename);
+            let done = binding.is_ok();
+            // The first explanation's verdict is kept unless a later one binds.
+            if done || derived.is_none() {
+                derived = Some((binding, folding));
+            }
+            if done {
+                break;
+            }
+        }
     }
-    let mut names = folding.as_ref().map(|f| f.names(set)).unwrap_or_default();
-    names.transposed = transposed;
-    // What still does not match once the derived initializers are accounted for.
-    let binding = onnx::plan_folded_binding(model, set.specs(), &cfg.allow_constant, &names)?;
+    let Some((binding, folding)) = derived else {
+        return Err(mismatch);
+    };
+    let binding = binding?;
     if let Some(folding) = &folding {
         if cfg.recalibrate_bn.is_some() {
             return Err(Error::Usage(format!(

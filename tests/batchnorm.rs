@@ -377,6 +377,72 @@ fn assert_scores_like_the_unfolded_export_within(
     }
 }
 
+/// Checkpoints saved through DistributedDataParallel (`module.conv1.weight`) with a folded
+/// export of the unwrapped model: the fold is found through the prefix mapping, for the
+/// names kept (torch's default) and renamed (legacy exporter), and the run is the one of
+/// the unprefixed checkpoints; the output keeps the prefixed names.
+#[test]
+fn folds_are_found_through_a_wrapper_prefix_of_the_checkpoint_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let ck = dir.path().join("checkpoints");
+    std::fs::create_dir(&ck).unwrap();
+    for e in 1..=6 {
+        let name = format!("epoch_{e}.safetensors");
+        let (tensors, _) = read_st(&fixture("bn_folded/checkpoints").join(&name));
+        let prefixed = tensors
+            .into_iter()
+            .map(|(n, t)| (format!("module.{n}"), t))
+            .collect();
+        write_st(&ck.join(&name), &prefixed);
+    }
+    let steps = |r: &serde_json::Value| -> Vec<(String, f64)> {
+        r["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| {
+                let d = s["decision"].as_str().unwrap().to_string();
+                (d, s["running_score"].as_f64().unwrap())
+            })
+            .collect()
+    };
+    let args = ["--metric", "cross-entropy"];
+    for model in ["folded", "legacy"] {
+        let (_d, plain) = folded_run(model, &args);
+        let out = dir.path().join(format!("{model}.safetensors"));
+        let report = dir.path().join(format!("{model}.json"));
+        cmd()
+            .args(args)
+            .arg(&ck)
+            .arg("--model")
+            .arg(fixture(&format!("bn_folded/{model}.onnx")))
+            .arg("--val")
+            .arg(fixture("bn_folded/val.npz"))
+            .arg("-o")
+            .arg(&out)
+            .arg("--report")
+            .arg(&report)
+            .assert()
+            .success();
+        let r = read_json(&report);
+        assert_eq!(r["rename"]["strip"], "module.", "{model}");
+        let folds = r["folded_batchnorm"].as_array().unwrap();
+        assert_eq!(folds.len(), 2, "{model}: {folds:?}");
+        assert!(folds[0]
+            .as_str()
+            .unwrap()
+            .starts_with("module.bn1 into module.conv1.weight"));
+        let (got, want) = (steps(&r), steps(&plain));
+        assert_eq!(got.len(), want.len());
+        for ((gd, gv), (wd, wv)) in got.iter().zip(&want) {
+            assert_eq!(gd, wd, "{model}");
+            assert!((gv - wv).abs() <= 1e-6 * wv.abs(), "{model}: {gv} vs {wv}");
+        }
+        let (t, _) = read_st(&out);
+        assert!(t.keys().all(|n| n.starts_with("module.")), "{model}");
+    }
+}
+
 /// `--export-onnx` of a folded model embeds the result folded: Python onnxruntime scores
 /// the exported file as the tool reported.
 #[test]

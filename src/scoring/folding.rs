@@ -20,7 +20,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use super::onnx::{FoldNames, OnnxModel};
+use super::onnx::{FoldNames, OnnxModel, Rename};
 use super::Scorer;
 use crate::averaging::{Candidate, Recipe, Weights};
 use crate::error::Result;
@@ -49,6 +49,8 @@ pub struct FoldedLayer {
     /// The initializer that holds the folded weight: the layer's name, or a new one
     /// when the exporter renamed it (the legacy exporter's `onnx::Conv_16`).
     pub weight_init: String,
+    /// Whether the exporter renamed the layer (beyond a checkpoint name prefix).
+    pub renamed: bool,
     /// The BatchNorm's name (its tensors' common prefix).
     pub batchnorm: String,
     pub eps: f64,
@@ -84,15 +86,24 @@ impl Folding {
     /// folded into a Conv or Gemm layer (checked against the model's values). BatchNorms
     /// the exporter left in place (their tensors are initializers) are bound as usual.
     /// `None` otherwise.
-    pub fn plan(model: &OnnxModel, set: &CheckpointSet) -> Result<Option<Folding>> {
+    ///
+    /// With `rename`, checkpoint names are compared with the model's after that mapping
+    /// (checkpoints saved with a wrapper's `module.` prefix).
+    pub fn plan(
+        model: &OnnxModel,
+        set: &CheckpointSet,
+        rename: Option<&Rename>,
+    ) -> Result<Option<Folding>> {
         let specs = set.specs();
-        let index: HashMap<&str, usize> = specs
+        // Each checkpoint tensor's name as the model would call it.
+        let names: Vec<String> = specs.iter().map(|s| model_name(rename, &s.name)).collect();
+        let index: HashMap<&str, usize> = names
             .iter()
             .enumerate()
-            .map(|(i, s)| (s.name.as_str(), i))
+            .map(|(i, n)| (n.as_str(), i))
             .collect();
         let inits: HashSet<String> = model.initializers().into_iter().map(|i| i.name).collect();
-        let bns = batchnorms(set, &index, &inits);
+        let bns = batchnorms(set, &names, &index, &inits);
         if bns.is_empty() {
             return Ok(None);
         }
@@ -129,7 +140,7 @@ impl Folding {
                         continue;
                     };
                     (0..specs.len())
-                        .filter(|&t| specs[t].shape == shape && !inits.contains(&specs[t].name))
+                        .filter(|&t| specs[t].shape == shape && !inits.contains(&names[t]))
                         .filter(|&t| !bn_tensors.contains(&t))
                         .filter(|&t| !layers.iter().any(|l| l.weight == t))
                         .collect()
@@ -146,16 +157,17 @@ impl Folding {
                 }
                 // The layer's own bias: the bias initializer's name, or beside a renamed
                 // weight, the checkpoint's `<layer>.bias`.
-                let bias_name = if layer.weight == spec.name {
-                    bias_init.clone()
+                let renamed = layer.weight != names[weight];
+                let bias_name = if renamed {
+                    format!("{}.bias", names[weight].strip_suffix(".weight")?)
                 } else {
-                    format!("{}.bias", spec.name.strip_suffix(".weight")?)
+                    bias_init.clone()
                 };
                 let bias = index
                     .get(bias_name.as_str())
                     .copied()
                     .filter(|&b| specs[b].dtype.is_float() && specs[b].shape == [channels])
-                    .filter(|&b| specs[b].name == *bias_init || !inits.contains(&specs[b].name));
+                    .filter(|&b| names[b] == *bias_init || !inits.contains(&names[b]));
                 bns.iter().enumerate().find_map(|(k, bn)| {
                     if used[k] || bn.channels != channels {
                         return None;
@@ -170,14 +182,15 @@ impl Folding {
                         model_b: &model_b,
                         tol,
                     };
-                    probe.eps().map(|eps| (weight, bias, k, eps))
+                    probe.eps().map(|eps| (weight, renamed, bias, k, eps))
                 })
             });
-            if let Some((weight, bias, k, eps)) = found {
+            if let Some((weight, renamed, bias, k, eps)) = found {
                 used[k] = true;
                 layers.push(FoldedLayer {
                     layer: specs[weight].name.clone(),
                     weight_init: layer.weight.clone(),
+                    renamed,
                     batchnorm: bns[k].prefix.clone(),
                     eps,
                     bias_init: bias_init.clone(),
@@ -258,13 +271,14 @@ impl Folding {
 /// `P.running_var`, float vectors of one length) whose tensors are not initializers.
 fn batchnorms(
     set: &CheckpointSet,
+    names: &[String],
     index: &HashMap<&str, usize>,
     inits: &HashSet<String>,
 ) -> Vec<Bn> {
     let specs = set.specs();
     let mut out = Vec::new();
     for (mean, spec) in specs.iter().enumerate() {
-        let Some(prefix) = spec.name.strip_suffix(".running_mean") else {
+        let Some(prefix) = names[mean].strip_suffix(".running_mean") else {
             continue;
         };
         if !spec.dtype.is_float() || spec.shape.len() != 1 {
@@ -282,12 +296,16 @@ fn batchnorms(
         };
         if [gamma, beta, mean, var]
             .iter()
-            .any(|&t| inits.contains(&specs[t].name))
+            .any(|&t| inits.contains(&names[t]))
         {
             continue;
         }
         out.push(Bn {
-            prefix: prefix.to_string(),
+            prefix: spec
+                .name
+                .strip_suffix(".running_mean")
+                .unwrap_or(prefix)
+                .to_string(),
             gamma,
             beta,
             mean,
@@ -301,16 +319,24 @@ fn batchnorms(
 impl FoldedLayer {
     /// "BN into LAYER, eps E", with the initializer when the exporter renamed the layer.
     pub fn describe(&self) -> String {
-        let renamed = if self.weight_init == self.layer {
-            String::new()
-        } else {
+        let renamed = if self.renamed {
             format!(" (initializer {})", self.weight_init)
+        } else {
+            String::new()
         };
         format!(
             "{} into {}{renamed}, eps {}",
             self.batchnorm, self.layer, self.eps
         )
     }
+}
+
+/// Checkpoint tensor `name` as the model calls it under `rename` (unchanged without one,
+/// or when the mapping does not apply to it).
+pub(crate) fn model_name(rename: Option<&Rename>, name: &str) -> String {
+    rename
+        .and_then(|r| r.apply(name))
+        .unwrap_or_else(|| name.to_string())
 }
 
 /// Whether one BatchNorm was folded into one layer, checked against the checkpoints.

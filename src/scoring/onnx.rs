@@ -431,20 +431,24 @@ pub fn plan_binding(
 }
 
 /// Prefix mappings that would give the first float checkpoint tensor without an
-/// initializer of its name one: checkpoint name = STRIP + initializer name, or
-/// initializer name = ADD + checkpoint name, the prefix ending with a `.`.
-fn prefix_candidates(model: &OnnxModel, specs: &[TensorSpec]) -> Vec<Rename> {
+/// initializer of its name (that some mapping fits) one: checkpoint name = STRIP +
+/// initializer name, or initializer name = ADD + checkpoint name, the prefix ending with
+/// a `.`.
+pub(crate) fn prefix_candidates(model: &OnnxModel, specs: &[TensorSpec]) -> Vec<Rename> {
     let inits: Vec<String> = model.initializers().into_iter().map(|i| i.name).collect();
-    let Some(first) = specs
+    let names: HashSet<&str> = inits.iter().map(String::as_str).collect();
+    specs
         .iter()
-        .filter(|s| s.dtype.is_float())
-        .find(|s| !inits.contains(&s.name))
-    else {
-        return Vec::new();
-    };
-    let name = first.name.as_str();
+        .filter(|s| s.dtype.is_float() && !names.contains(s.name.as_str()))
+        .map(|s| prefixes_for(&s.name, &inits))
+        .find(|c| !c.is_empty())
+        .unwrap_or_default()
+}
+
+/// The prefix mappings that make checkpoint tensor `name` one of `inits`, shortest first.
+fn prefixes_for(name: &str, inits: &[String]) -> Vec<Rename> {
     let mut out: Vec<Rename> = Vec::new();
-    for init in &inits {
+    for init in inits {
         let rename = if let Some(p) = name.strip_suffix(init.as_str()) {
             Rename {
                 strip: p.to_string(),
@@ -480,8 +484,9 @@ pub fn plan_folded_binding(
     specs: &[TensorSpec],
     allow_constant: &[String],
     fold: &FoldNames,
+    rename: Option<Rename>,
 ) -> Result<Binding> {
-    bind_names(model, specs, allow_constant, None, fold)
+    bind_names(model, specs, allow_constant, rename, fold)
 }
 
 /// [`plan_binding`] with checkpoint names mapped by `rename` (every float checkpoint

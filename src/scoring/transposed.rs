@@ -16,20 +16,27 @@
 
 use std::collections::{HashMap, HashSet};
 
-use super::onnx::OnnxModel;
+use super::folding::model_name;
+use super::onnx::{OnnxModel, Rename};
 use crate::error::Result;
 use crate::storage::dtype::{read_f64, rounded_to};
 use crate::storage::{CheckpointSet, DType};
 
 /// Initializer name → the checkpoint tensor it is the transpose of (see the module
 /// documentation); empty when there is none.
-pub fn find(model: &OnnxModel, set: &CheckpointSet) -> Result<HashMap<String, String>> {
+///
+/// With `rename`, checkpoint names are compared with the model's after that mapping.
+pub fn find(
+    model: &OnnxModel,
+    set: &CheckpointSet,
+    rename: Option<&Rename>,
+) -> Result<HashMap<String, String>> {
     let specs = set.specs();
-    let names: HashSet<&str> = specs.iter().map(|s| s.name.as_str()).collect();
+    let names: HashSet<String> = specs.iter().map(|s| model_name(rename, &s.name)).collect();
     let mut found = HashMap::new();
     for init in model.initializers() {
         let is_float = init.elem.is_some_and(|e| e.is_float());
-        if !is_float || init.dims.len() != 2 || names.contains(init.name.as_str()) {
+        if !is_float || init.dims.len() != 2 || names.contains(&init.name) {
             continue;
         }
         let (Ok(rows), Ok(cols)) = (usize::try_from(init.dims[1]), usize::try_from(init.dims[0]))
