@@ -230,18 +230,35 @@ fn a_calibration_batch_of_one_row_is_refused() {
 
 // ---------------------------------------------------------------- folded BatchNorm
 
-/// Runs `args` on fixtures/bn_folded/checkpoints with the `folded` or `unfolded` export;
-/// returns the scratch directory (holding out.safetensors, r.json) and the report.
+/// Runs `args` on fixtures/bn_folded/checkpoints with the `folded`, `legacy` or `unfolded`
+/// export; returns the scratch directory (holding out.safetensors, r.json) and the report.
 fn folded_run(model: &str, args: &[&str]) -> (tempfile::TempDir, serde_json::Value) {
+    run_on(
+        &fixture("bn_folded/checkpoints"),
+        &format!("bn_folded/{model}.onnx"),
+        "bn_folded/val.npz",
+        args,
+    )
+}
+
+/// Runs `args` on checkpoint directory `ck` with fixture `model` and validation `val`
+/// (`compare` writes into out/, the others out.safetensors); returns the scratch
+/// directory and the report.
+fn run_on(
+    ck: &Path,
+    model: &str,
+    val: &str,
+    args: &[&str],
+) -> (tempfile::TempDir, serde_json::Value) {
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir(dir.path().join("out")).unwrap();
     cmd()
         .args(args)
-        .arg(fixture("bn_folded/checkpoints"))
+        .arg(ck)
         .arg("--model")
-        .arg(fixture(&format!("bn_folded/{model}.onnx")))
+        .arg(fixture(model))
         .arg("--val")
-        .arg(fixture("bn_folded/val.npz"))
+        .arg(fixture(val))
         .arg("-o")
         .arg(dir.path().join(if args.first() == Some(&"compare") {
             "out"
@@ -302,23 +319,13 @@ fn a_model_exported_with_folded_batchnorm_scores_like_the_unfolded_export() {
 /// round differently in float16).
 #[test]
 fn a_float16_model_with_batchnorm_folded_scores_like_its_unfolded_export() {
-    let run = |model: &str| -> (tempfile::TempDir, serde_json::Value) {
-        let dir = tempfile::tempdir().unwrap();
-        cmd()
-            .args(["compare", "--metric", "cross-entropy"])
-            .arg(fixture("digits_f16/checkpoints"))
-            .arg("--model")
-            .arg(fixture(&format!("digits_f16/half/{model}.onnx")))
-            .arg("--val")
-            .arg(fixture("digits/val.npz"))
-            .arg("-o")
-            .arg(dir.path())
-            .arg("--report")
-            .arg(dir.path().join("r.json"))
-            .assert()
-            .success();
-        let r = read_json(&dir.path().join("r.json"));
-        (dir, r)
+    let run = |model: &str| {
+        run_on(
+            &fixture("digits_f16/checkpoints"),
+            &format!("digits_f16/half/{model}.onnx"),
+            "digits/val.npz",
+            &["compare", "--metric", "cross-entropy"],
+        )
     };
     let (_f, folded) = run("folded");
     let (_u, unfolded) = run("unfolded");
@@ -385,16 +392,7 @@ fn assert_scores_like_the_unfolded_export_within(
 fn folds_are_found_through_a_wrapper_prefix_of_the_checkpoint_names() {
     let dir = tempfile::tempdir().unwrap();
     let ck = dir.path().join("checkpoints");
-    std::fs::create_dir(&ck).unwrap();
-    for e in 1..=6 {
-        let name = format!("epoch_{e}.safetensors");
-        let (tensors, _) = read_st(&fixture("bn_folded/checkpoints").join(&name));
-        let prefixed = tensors
-            .into_iter()
-            .map(|(n, t)| (format!("module.{n}"), t))
-            .collect();
-        write_st(&ck.join(&name), &prefixed);
-    }
+    copy_with_prefix(&fixture("bn_folded/checkpoints"), "module.", &ck);
     let steps = |r: &serde_json::Value| -> Vec<(String, f64)> {
         r["steps"]
             .as_array()
@@ -409,22 +407,12 @@ fn folds_are_found_through_a_wrapper_prefix_of_the_checkpoint_names() {
     let args = ["--metric", "cross-entropy"];
     for model in ["folded", "legacy"] {
         let (_d, plain) = folded_run(model, &args);
-        let out = dir.path().join(format!("{model}.safetensors"));
-        let report = dir.path().join(format!("{model}.json"));
-        cmd()
-            .args(args)
-            .arg(&ck)
-            .arg("--model")
-            .arg(fixture(&format!("bn_folded/{model}.onnx")))
-            .arg("--val")
-            .arg(fixture("bn_folded/val.npz"))
-            .arg("-o")
-            .arg(&out)
-            .arg("--report")
-            .arg(&report)
-            .assert()
-            .success();
-        let r = read_json(&report);
+        let (out, r) = run_on(
+            &ck,
+            &format!("bn_folded/{model}.onnx"),
+            "bn_folded/val.npz",
+            &args,
+        );
         assert_eq!(r["rename"]["strip"], "module.", "{model}");
         let folds = r["folded_batchnorm"].as_array().unwrap();
         assert_eq!(folds.len(), 2, "{model}: {folds:?}");
@@ -438,7 +426,7 @@ fn folds_are_found_through_a_wrapper_prefix_of_the_checkpoint_names() {
             assert_eq!(gd, wd, "{model}");
             assert!((gv - wv).abs() <= 1e-6 * wv.abs(), "{model}: {gv} vs {wv}");
         }
-        let (t, _) = read_st(&out);
+        let (t, _) = read_st(&out.path().join("out.safetensors"));
         assert!(t.keys().all(|n| n.starts_with("module.")), "{model}");
     }
 }

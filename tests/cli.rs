@@ -749,16 +749,7 @@ fn checkpoints_saved_through_a_wrapper_match_the_model_without_their_prefix() {
     for prefix in ["module.", "_orig_mod."] {
         let tmp = tempfile::tempdir().unwrap();
         let ck = tmp.path().join("checkpoints");
-        std::fs::create_dir_all(&ck).unwrap();
-        for e in 1..=15 {
-            let name = format!("epoch_{e}.safetensors");
-            let (tensors, _) = read_st(&fixture("digits/checkpoints").join(&name));
-            let prefixed = tensors
-                .into_iter()
-                .map(|(n, t)| (format!("{prefix}{n}"), t))
-                .collect();
-            write_st(&ck.join(&name), &prefixed);
-        }
+        copy_with_prefix(&fixture("digits/checkpoints"), prefix, &ck);
         let out = tmp.path().join("merged.safetensors");
         let report = tmp.path().join("report.json");
         cmd()

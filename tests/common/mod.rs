@@ -191,6 +191,20 @@ pub fn write_st(path: &Path, tensors: &BTreeMap<String, Tensor>) {
     safetensors::serialize_to_file(views, None, path).expect("write safetensors");
 }
 
+/// Copies every checkpoint of `src` into `dst` (created) with `prefix` before each tensor
+/// name, as a wrapper (`module.` from DistributedDataParallel) saves them.
+pub fn copy_with_prefix(src: &Path, prefix: &str, dst: &Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for path in walk(src) {
+        let (tensors, _) = read_st(&path);
+        let prefixed = tensors
+            .into_iter()
+            .map(|(n, t)| (format!("{prefix}{n}"), t))
+            .collect();
+        write_st(&dst.join(path.file_name().unwrap()), &prefixed);
+    }
+}
+
 /// Every float tensor of `got` equals the reference's float64 mean rounded once to the
 /// dtype: within 1e-6 relative (max abs error / max abs value) for f32, within one unit
 /// in the last place for f16/bf16. Integer tensors are identical.
