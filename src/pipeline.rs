@@ -974,16 +974,18 @@ fn bind(
         Ok(binding) => return Ok((binding, None)),
         Err(mismatch) => mismatch,
     };
-    // The checkpoints' own names first, then with a wrapper's prefix mapped.
-    let renames = std::iter::once(None).chain(
-        onnx::prefix_candidates(model, set.specs())
-            .into_iter()
-            .map(Some),
-    );
+    // With a wrapper's prefix mapped first, when one fits (else the search by value would
+    // take every prefixed tensor for a renamed one), then the checkpoints' own names.
+    let renames = onnx::prefix_candidates(model, set.specs())
+        .into_iter()
+        .map(Some)
+        .chain(std::iter::once(None));
     let mut derived = None;
     for rename in renames {
         let folding = Folding::plan(model, set, rename.as_ref())?;
-        let transposed = transposed::find(model, set, rename.as_ref())?;
+        let mut transposed = transposed::find(model, set, rename.as_ref())?;
+        // What the user named a constant stays one.
+        transposed.retain(|init, _| !cfg.allow_constant.contains(init));
         if folding.is_some() || !transposed.is_empty() {
             let mut names = folding.as_ref().map(|f| f.names(set)).unwrap_or_default();
             names.transposed = transposed;

@@ -429,6 +429,31 @@ fn folds_are_found_through_a_wrapper_prefix_of_the_checkpoint_names() {
         let (t, _) = read_st(&out.path().join("out.safetensors"));
         assert!(t.keys().all(|n| n.starts_with("module.")), "{model}");
     }
+
+    // One tensor more than the model has: the message names it, through the prefix and
+    // the fold, rather than every prefixed name.
+    for path in walk(&ck) {
+        let (mut tensors, _) = read_st(&path);
+        let extra = tensors["module.fc.bias"].clone();
+        tensors.insert("module.extra.bias".into(), extra);
+        write_st(&path, &tensors);
+    }
+    for model in ["folded", "legacy"] {
+        cmd()
+            .arg(&ck)
+            .arg("--model")
+            .arg(fixture(&format!("bn_folded/{model}.onnx")))
+            .arg("--val")
+            .arg(fixture("bn_folded/val.npz"))
+            .arg("-o")
+            .arg(dir.path().join("never.safetensors"))
+            .assert()
+            .code(2)
+            .stderr(
+                contains("not initializers of the model (1): `module.extra.bias`")
+                    .and(contains("module.fc.weight").not()),
+            );
+    }
 }
 
 /// `--export-onnx` of a folded model embeds the result folded: Python onnxruntime scores

@@ -12,7 +12,7 @@
 //! state, so the initializer must be exactly the transpose of that state's tensor, once
 //! both are in the initializer's type. A 2-D float initializer no checkpoint tensor is
 //! named after is compared with every checkpoint tensor of the transposed shape, newest
-//! checkpoint first.
+//! checkpoint first. Matrices of one repeated value are not matched.
 
 use std::collections::{HashMap, HashSet};
 
@@ -53,6 +53,12 @@ pub fn find(
         let Some((dtype, raw)) = model.initializer_raw(&init.name)? else {
             continue;
         };
+        // A matrix of one repeated value (zeros, a fill) says nothing about where it
+        // came from: it would match any tensor that held that value once.
+        let first = read_f64(dtype, &raw, 0);
+        if (1..rows * cols).all(|i| read_f64(dtype, &raw, i) == first) {
+            continue;
+        }
         let want = Matrix {
             dtype,
             bytes: &raw,

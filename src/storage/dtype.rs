@@ -238,8 +238,8 @@ mod tests {
 
     #[test]
     fn transpose_moves_every_element_to_its_mirrored_place() {
-        // A 3 × 70 matrix of u16 (crosses tile edges): out[c][r] = in[r][c].
-        let (rows, cols) = (3, 70);
+        // A 37 × 70 matrix of u16 (crosses tile edges both ways): out[c][r] = in[r][c].
+        let (rows, cols) = (37, 70);
         let vals: Vec<u16> = (0..rows * cols).map(|i| i as u16).collect();
         let bytes: Vec<u8> = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
         let mut out = vec![0u8; bytes.len()];
