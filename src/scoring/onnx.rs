@@ -343,10 +343,16 @@ impl Bound {
             return std::borrow::Cow::Borrowed(bytes);
         }
         let mut out = vec![0u8; bytes.len()];
+        self.transpose_into(dtype, bytes, &mut out);
+        std::borrow::Cow::Owned(out)
+    }
+
+    /// Writes the checkpoint tensor's bytes (of type `dtype`) transposed into `out`, as a
+    /// [`Bound::transpose`] initializer holds them.
+    pub(crate) fn transpose_into(&self, dtype: DType, bytes: &[u8], out: &mut [u8]) {
         // The initializer is [cols, rows] for the checkpoint's [rows, cols].
         let (rows, cols) = (self.shape[1], self.shape[0]);
-        crate::storage::dtype::transpose_into(bytes, rows, cols, dtype.size(), &mut out);
-        std::borrow::Cow::Owned(out)
+        crate::storage::dtype::transpose_into(bytes, rows, cols, dtype.size(), out);
     }
 }
 

@@ -401,8 +401,7 @@ impl Scratch {
     fn transpose(&mut self, b: &Bound, dtype: DType, bytes: &[u8]) {
         self.transposed.resize(bytes.len().div_ceil(8), 0);
         let out = &mut bytemuck::cast_slice_mut::<u64, u8>(&mut self.transposed)[..bytes.len()];
-        let (rows, cols) = (b.shape[1], b.shape[0]);
-        crate::storage::dtype::transpose_into(bytes, rows, cols, dtype.size(), out);
+        b.transpose_into(dtype, bytes, out);
     }
 
     /// The bytes fed for `b`: the candidate's `bytes`, or their transposed copy.
