@@ -20,6 +20,8 @@
 //!
 //! - `reference`: a vectorisable kernel with the same arithmetic (see `reference_mean`),
 //!   not the tool's code: the headroom. Its output is compared bit for bit with `mean`.
+//! - `to f32`: converting every tensor of one checkpoint to f32 (`storage::dtype::to_f32`),
+//!   what binding a bf16 or f16 checkpoint to an f32 ONNX model costs per candidate.
 //!
 //! Throughput is checkpoint bytes consumed per second (N × model bytes / time), so
 //! `mean / memcpy` is the ratio the issue asks for (goal ≥ 0.7). Every figure is the
@@ -30,8 +32,10 @@
 //! - `ASWA_BENCH_PARAMS` parameters per checkpoint (default 67108864 = 64 Mi, 256 MiB in
 //!   F32); the files of one dtype are written, measured and deleted before the next, so
 //!   at most N × PARAMS × 4 bytes are on disk at once;
-//! - `ASWA_BENCH_DTYPES` (default `f32,bf16`), `ASWA_BENCH_THREADS` (default `1,2`);
+//! - `ASWA_BENCH_DTYPES` (default `f32,bf16`; `f16` too), `ASWA_BENCH_THREADS` (default `1,2`);
 //! - `ASWA_BENCH_REPS` (default 3);
+//! - `ASWA_BENCH_SIMD` the widest vector level the kernels may use: `baseline`, `avx2` or
+//!   `avx512` (default: what the CPU has);
 //! - `ASWA_BENCH_DIR` where the temporary directory is made (default: the system's);
 //! - `ASWA_BENCH_JSON` also write the results as JSON lines to this file.
 
@@ -41,6 +45,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use aswa_merge::averaging::{Accumulator, Recipe, Weights};
+use aswa_merge::simd::{self, Level};
 use aswa_merge::storage::{CheckpointSet, CheckpointSource};
 use rayon::prelude::*;
 use safetensors::tensor::TensorView;
@@ -96,6 +101,7 @@ fn fill(bytes: &mut [u8], dtype: Dtype, seed: u64) {
                 let v = (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0;
                 match dtype {
                     Dtype::F32 => e.copy_from_slice(&v.to_le_bytes()),
+                    Dtype::F16 => e.copy_from_slice(&half::f16::from_f32(v).to_le_bytes()),
                     _ => e.copy_from_slice(&half::bf16::from_f32(v).to_le_bytes()),
                 }
             }
@@ -132,7 +138,7 @@ fn write_checkpoints(dir: &Path, n: usize, params: usize, dtype: Dtype) -> Vec<C
     sources
 }
 
-/// Bytes per element (F32 and BF16 only).
+/// Bytes per element.
 fn elem_size(dtype: Dtype) -> usize {
     dtype.bitsize() / 8
 }
@@ -198,14 +204,26 @@ fn main() {
     std::fs::create_dir_all(&base).expect("bench dir");
     let mut json = std::env::var_os("ASWA_BENCH_JSON")
         .map(|p| std::fs::File::create(p).expect("ASWA_BENCH_JSON"));
+    if let Ok(name) = std::env::var("ASWA_BENCH_SIMD") {
+        let level = Level::ALL
+            .into_iter()
+            .find(|l| l.name() == name.trim())
+            .unwrap_or_else(|| {
+                panic!("ASWA_BENCH_SIMD: unknown level {name} (baseline, avx2, avx512)")
+            });
+        simd::limit(level);
+    }
+    let level = Level::active();
 
     println!(
         "averaging benchmark: N = {n} checkpoints of {params} parameters, median of {reps}, \
-         {} logical CPUs",
-        std::thread::available_parallelism().map_or(0, |n| n.get())
+         {} logical CPUs, vector level {} (CPU: {})",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        level.name(),
+        Level::detected().name()
     );
     println!(
-        "{:<5} {:>3} {:>9} {:>10} {:>10} {:>10} {:>7} {:>10} {:>7} {:>11} {:>9} {:>11} {:>7} {:<9}",
+        "{:<5} {:>3} {:>9} {:>10} {:>10} {:>10} {:>7} {:>10} {:>7} {:>11} {:>9} {:>11} {:>7} {:<9} {:>9}",
         "dtype",
         "thr",
         "model MB",
@@ -219,13 +237,15 @@ fn main() {
         "add",
         "reference",
         "ratio",
-        "check"
+        "check",
+        "to f32"
     );
     for name in &dtypes {
         let dtype = match name.as_str() {
             "f32" => Dtype::F32,
             "bf16" => Dtype::BF16,
-            other => panic!("ASWA_BENCH_DTYPES: unknown dtype {other} (f32, bf16)"),
+            "f16" => Dtype::F16,
+            other => panic!("ASWA_BENCH_DTYPES: unknown dtype {other} (f32, bf16, f16)"),
         };
         let dir = tempfile::Builder::new()
             .prefix("aswa-bench-")
@@ -287,16 +307,29 @@ fn main() {
                     acc.mean_into(&set, Some(n - 1), &mut out);
                 });
                 let look = time_reps(reps, || acc.mean_into(&set, Some(n - 1), &mut out));
+                // Binding a checkpoint to an f32 model: every tensor converted once.
+                let mut f32s: Vec<Vec<f32>> =
+                    set.specs().iter().map(|s| vec![0f32; s.numel()]).collect();
+                let convert = time_reps(reps, || {
+                    for (t, o) in f32s.iter_mut().enumerate() {
+                        let spec = &set.specs()[t];
+                        aswa_merge::storage::dtype::to_f32(spec.dtype, set.tensor_bytes(1, t), o);
+                    }
+                });
+                std::hint::black_box(&f32s);
                 acc.reset(&set, 0);
                 let add = time_reps(reps, || acc.add(&set, 1));
                 std::hint::black_box(&out);
                 std::hint::black_box(&dst);
-                ([memcpy, read, mean, aswa, look, add, reference], same)
+                (
+                    [memcpy, read, mean, aswa, look, add, reference, convert],
+                    same,
+                )
             });
-            let ([memcpy, read, mean, aswa, look, add, reference], same) = r;
+            let ([memcpy, read, mean, aswa, look, add, reference, convert], same) = r;
             let gbs = |t: f64| total / t / 1e9;
             println!(
-                "{:<5} {:>3} {:>9.1} {:>7.2} GB/s {:>6.2} GB/s {:>6.2} GB/s {:>7.2} {:>6.2} GB/s {:>7.2} {:>8.1} ms {:>6.1} ms {:>6.2} GB/s {:>7.2} {}",
+                "{:<5} {:>3} {:>9.1} {:>7.2} GB/s {:>6.2} GB/s {:>6.2} GB/s {:>7.2} {:>6.2} GB/s {:>7.2} {:>8.1} ms {:>6.1} ms {:>6.2} GB/s {:>7.2} {:<9} {:>6.1} ms",
                 name,
                 th,
                 model_bytes as f64 / 1e6,
@@ -310,7 +343,8 @@ fn main() {
                 add * 1e3,
                 gbs(reference),
                 memcpy / reference,
-                if same { "same bits" } else { "DIFFERENT" }
+                if same { "same bits" } else { "DIFFERENT" },
+                convert * 1e3
             );
             if let Some(f) = json.as_mut() {
                 let fields: HashMap<&str, f64> = [
@@ -329,11 +363,13 @@ fn main() {
                     ("reference_gbs", gbs(reference)),
                     ("reference_ratio", memcpy / reference),
                     ("reference_same_bits", if same { 1.0 } else { 0.0 }),
+                    ("to_f32_ms", convert * 1e3),
                 ]
                 .into_iter()
                 .collect();
                 let mut line = serde_json::to_value(&fields).expect("json");
                 line["dtype"] = serde_json::Value::from(name.as_str());
+                line["simd"] = serde_json::Value::from(level.name());
                 writeln!(f, "{line}").expect("write ASWA_BENCH_JSON");
             }
         }
@@ -397,6 +433,14 @@ fn reference_mean(set: &CheckpointSet, dtype: Dtype, out: &mut [Vec<u8>]) {
                                     acc.iter_mut().zip(v).for_each(|(a, &x)| *a += x as f64);
                                 }
                             }
+                            Dtype::F16 => {
+                                let v: &[half::f16] = bytemuck::cast_slice(bytes);
+                                if i == 0 {
+                                    acc.iter_mut().zip(v).for_each(|(a, &x)| *a = x.to_f64());
+                                } else {
+                                    acc.iter_mut().zip(v).for_each(|(a, &x)| *a += x.to_f64());
+                                }
+                            }
                             _ => {
                                 let v: &[u16] = bytemuck::cast_slice(bytes);
                                 let f = |x: u16| f32::from_bits((x as u32) << 16) as f64;
@@ -416,6 +460,12 @@ fn reference_mean(set: &CheckpointSet, dtype: Dtype, out: &mut [Vec<u8>]) {
                                 .zip(acc.iter())
                                 .for_each(|(d, &a)| *d = (a / inv) as f32);
                         }
+                        Dtype::F16 => {
+                            let d: &mut [half::f16] = bytemuck::cast_slice_mut(dst);
+                            d.iter_mut().zip(acc.iter()).for_each(|(d, &a)| {
+                                *d = half::f16::from_f32(f32::from_bits(round_to_odd(a / inv)))
+                            });
+                        }
                         _ => {
                             let d: &mut [u16] = bytemuck::cast_slice_mut(dst);
                             d.iter_mut()
@@ -432,8 +482,20 @@ fn reference_mean(set: &CheckpointSet, dtype: Dtype, out: &mut [Vec<u8>]) {
 /// double rounding: f32 keeps 16 more bits than bf16). NaN stays NaN.
 #[inline(always)]
 fn f64_to_bf16_rne(x: f64) -> u16 {
+    if x.is_nan() {
+        return 0x7fc0;
+    }
+    let bits = round_to_odd(x);
+    let round = 0x7FFF + ((bits >> 16) & 1);
+    ((bits + round) >> 16) as u16
+}
+
+/// `x` rounded to f32 with round-to-odd (truncate toward zero, then set the last bit if
+/// inexact), as bits: a second rounding to any format with at least 2 bits fewer (bf16,
+/// f16) is then exact.
+#[inline(always)]
+fn round_to_odd(x: f64) -> u32 {
     let r = x as f32;
-    // Round to odd: truncate toward zero, then set the last bit if inexact.
     let mut bits = r.to_bits();
     let back = r as f64;
     if back.abs() > x.abs() {
@@ -442,9 +504,5 @@ fn f64_to_bf16_rne(x: f64) -> u16 {
     if back != x && !x.is_nan() {
         bits |= 1;
     }
-    if x.is_nan() {
-        return ((bits >> 16) | 0x0040) as u16;
-    }
-    let round = 0x7FFF + ((bits >> 16) & 1);
-    ((bits + round) >> 16) as u16
+    bits
 }

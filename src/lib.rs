@@ -8,7 +8,8 @@
 //! - [`scoring`]: the ONNX model, validation data, metrics, ONNX Runtime sessions;
 //! - [`strategies`]: which checkpoints to average (ASWA);
 //! - [`reporting`]: summary, progress, JSON report, output metadata;
-//! - [`pipeline`]: one run, validate-then-act; [`cli`]: the command line over it.
+//! - [`pipeline`]: one run, validate-then-act; [`cli`]: the command line over it;
+//! - [`simd`]: which vector instructions the numeric kernels are compiled for.
 
 pub mod averaging;
 pub mod cli;
@@ -17,6 +18,7 @@ pub mod error;
 pub mod pipeline;
 pub mod reporting;
 pub mod scoring;
+pub mod simd;
 pub mod storage;
 pub mod strategies;
 

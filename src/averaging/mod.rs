@@ -6,13 +6,19 @@
 //! [`Accumulator::mean_into`] divides (optionally after adding one more checkpoint,
 //! which is how ASWA's look-ahead is formed without touching the sum) and rounds once
 //! to the tensor's dtype, to nearest-even. Each element is computed independently of
-//! every other, so the result does not depend on how the work is split across threads.
+//! every other, so the result does not depend on how the work is split across threads,
+//! nor on the vector instructions used ([`crate::simd`]). A NaN result is written as the
+//! dtype's canonical quiet NaN: which NaN an addition of two NaNs returns is not fixed by
+//! IEEE 754 nor by Rust, and differs between scalar and vector code.
 //! Integer and boolean tensors are never averaged: they come from the newest member.
 
 use half::{bf16, f16};
 use rayon::prelude::*;
 
-use crate::storage::dtype::{bf16_from_f64, f16_from_f64};
+use crate::simd::simd;
+use crate::storage::dtype::{
+    bf16_slice_from_f64, f16_slice_from_f64, f32_slice_from_f64, f64_slice_from_f64, zip_values,
+};
 use crate::storage::{CheckpointSet, DType};
 
 /// Elements per parallel work item: large enough to amortise scheduling, small enough
@@ -97,14 +103,8 @@ impl Weights {
                 o.iter_mut().zip(values).for_each(|(o, v)| *o = *v as f32)
             }
             Some(FloatBuf::F64(o)) if o.len() == values.len() => o.copy_from_slice(values),
-            Some(FloatBuf::F16(o)) if o.len() == values.len() => o
-                .iter_mut()
-                .zip(values)
-                .for_each(|(o, v)| *o = f16_from_f64(*v)),
-            Some(FloatBuf::BF16(o)) if o.len() == values.len() => o
-                .iter_mut()
-                .zip(values)
-                .for_each(|(o, v)| *o = bf16_from_f64(*v)),
+            Some(FloatBuf::F16(o)) if o.len() == values.len() => f16_slice_from_f64(values, o),
+            Some(FloatBuf::BF16(o)) if o.len() == values.len() => bf16_slice_from_f64(values, o),
             _ => return Err(wrong()),
         }
         Ok(())
@@ -146,10 +146,10 @@ impl Weights {
                 recipe,
             };
             match buf {
-                FloatBuf::F16(o) => job.run(o, f16_from_f64),
-                FloatBuf::BF16(o) => job.run(o, bf16_from_f64),
-                FloatBuf::F32(o) => job.run(o, |v| v as f32),
-                FloatBuf::F64(o) => job.run(o, |v| v),
+                FloatBuf::F16(o) => job.run(o, f16_slice_from_f64),
+                FloatBuf::BF16(o) => job.run(o, bf16_slice_from_f64),
+                FloatBuf::F32(o) => job.run(o, f32_slice_from_f64),
+                FloatBuf::F64(o) => job.run(o, f64_slice_from_f64),
             }
         }
         out.int_source = members.iter().copied().max().unwrap_or(0);
@@ -182,7 +182,7 @@ struct BuildJob<'a> {
 }
 
 impl BuildJob<'_> {
-    fn run<T: Send>(&self, out: &mut [T], round: impl Fn(f64) -> T + Sync) {
+    fn run<T: Send>(&self, out: &mut [T], round: impl Fn(&[f64], &mut [T]) + Sync) {
         let size = self.dtype.size();
         let group = self.members.len().min(GROUP);
         // Whole chunks, at least two per thread so that a window keeps every core busy.
@@ -204,14 +204,17 @@ impl BuildJob<'_> {
                 // every member is added.
                 let sources = self.sources(self.members, &bytes);
                 o.par_chunks_mut(CHUNK).enumerate().for_each(|(k, o)| {
-                    simd(|| {
-                        let mut acc = [0f64; L1_BLOCK];
-                        for (j, o) in o.chunks_mut(L1_BLOCK).enumerate() {
-                            let acc = &mut acc[..o.len()];
-                            self.accumulate(acc, &sources, k * CHUNK + j * L1_BLOCK, true);
-                            self.round(o, acc, &round);
-                        }
-                    })
+                    simd(
+                        #[inline(always)]
+                        || {
+                            let mut acc = [0f64; L1_BLOCK];
+                            for (j, o) in o.chunks_mut(L1_BLOCK).enumerate() {
+                                let acc = &mut acc[..o.len()];
+                                self.accumulate(acc, &sources, k * CHUNK + j * L1_BLOCK, true);
+                                self.round(o, acc, &round);
+                            }
+                        },
+                    )
                 });
                 self.release(self.members, &bytes);
             } else {
@@ -219,13 +222,21 @@ impl BuildJob<'_> {
                 for (g, members) in self.members.chunks(GROUP).enumerate() {
                     let sources = self.sources(members, &bytes);
                     sums.par_chunks_mut(CHUNK).enumerate().for_each(|(k, acc)| {
-                        simd(|| self.accumulate(acc, &sources, k * CHUNK, g == 0))
+                        simd(
+                            #[inline(always)]
+                            || self.accumulate(acc, &sources, k * CHUNK, g == 0),
+                        )
                     });
                     self.release(members, &bytes);
                 }
                 o.par_chunks_mut(CHUNK)
-                    .zip(sums.par_chunks(CHUNK))
-                    .for_each(|(o, acc)| simd(|| self.round(o, acc, &round)));
+                    .zip(sums.par_chunks_mut(CHUNK))
+                    .for_each(|(o, acc)| {
+                        simd(
+                            #[inline(always)]
+                            || self.round(o, acc, &round),
+                        )
+                    });
             }
             start += o.len();
         }
@@ -263,16 +274,14 @@ impl BuildJob<'_> {
         }
     }
 
-    /// The model's values from the sums.
+    /// The model's values from the sums (which it overwrites with the unrounded values).
     #[inline(always)]
-    fn round<T>(&self, out: &mut [T], acc: &[f64], round: impl Fn(f64) -> T) {
-        match self.recipe {
-            Recipe::Mean(m) => {
-                let n = m.len() as f64;
-                out.iter_mut().zip(acc).for_each(|(o, a)| *o = round(a / n));
-            }
-            Recipe::Ema(..) => out.iter_mut().zip(acc).for_each(|(o, a)| *o = round(*a)),
+    fn round<T>(&self, out: &mut [T], acc: &mut [f64], round: impl Fn(&[f64], &mut [T])) {
+        if let Recipe::Mean(m) = self.recipe {
+            let n = m.len() as f64;
+            acc.iter_mut().for_each(|a| *a /= n);
         }
+        round(acc, out);
     }
 
     /// Releases byte range `bytes` of the tensor in `members`, with the folio slack
@@ -356,7 +365,12 @@ impl Accumulator {
             let bytes = set.tensor_bytes(c, t);
             sum.par_chunks_mut(CHUNK)
                 .zip(bytes.par_chunks(CHUNK * dtype.size()))
-                .for_each(|(s, b)| simd(|| zip_values(dtype, b, s, &f)));
+                .for_each(|(s, b)| {
+                    simd(
+                        #[inline(always)]
+                        || zip_values(dtype, b, s, &f),
+                    )
+                });
         }
     }
 
@@ -373,10 +387,12 @@ impl Accumulator {
             let dtype = set.specs()[t].dtype;
             let extra_bytes = extra.map(|c| set.tensor_bytes(c, t));
             match buf {
-                FloatBuf::F16(o) => mean_chunks(o, sum, dtype, extra_bytes, n, f16_from_f64),
-                FloatBuf::BF16(o) => mean_chunks(o, sum, dtype, extra_bytes, n, bf16_from_f64),
-                FloatBuf::F32(o) => mean_chunks(o, sum, dtype, extra_bytes, n, |v| v as f32),
-                FloatBuf::F64(o) => mean_chunks(o, sum, dtype, extra_bytes, n, |v| v),
+                FloatBuf::F16(o) => mean_chunks(o, sum, dtype, extra_bytes, n, f16_slice_from_f64),
+                FloatBuf::BF16(o) => {
+                    mean_chunks(o, sum, dtype, extra_bytes, n, bf16_slice_from_f64)
+                }
+                FloatBuf::F32(o) => mean_chunks(o, sum, dtype, extra_bytes, n, f32_slice_from_f64),
+                FloatBuf::F64(o) => mean_chunks(o, sum, dtype, extra_bytes, n, f64_slice_from_f64),
             }
         }
         out.int_source = extra
@@ -393,88 +409,31 @@ fn mean_chunks<T: Send>(
     dtype: DType,
     extra: Option<&[u8]>,
     n: f64,
-    round: impl Fn(f64) -> T + Sync,
+    round: impl Fn(&[f64], &mut [T]) + Sync,
 ) {
-    match extra {
-        None => out
-            .par_chunks_mut(CHUNK)
-            .zip(sum.par_chunks(CHUNK))
-            .for_each(|(o, s)| simd(|| o.iter_mut().zip(s).for_each(|(o, s)| *o = round(s / n)))),
-        Some(bytes) => out
-            .par_chunks_mut(CHUNK)
-            .zip(sum.par_chunks(CHUNK))
-            .zip(bytes.par_chunks(CHUNK * dtype.size()))
-            .for_each(|((o, s), b)| {
-                simd(|| {
+    let size = dtype.size();
+    out.par_chunks_mut(CHUNK)
+        .zip(sum.par_chunks(CHUNK))
+        .enumerate()
+        .for_each(|(k, (o, s))| {
+            simd(
+                #[inline(always)]
+                || {
+                    // Block by block, so that the values stay in the L1 cache until rounded.
                     let mut acc = [0f64; L1_BLOCK];
-                    let blocks = o
-                        .chunks_mut(L1_BLOCK)
-                        .zip(s.chunks(L1_BLOCK))
-                        .zip(b.chunks(L1_BLOCK * dtype.size()));
-                    for ((o, s), b) in blocks {
+                    let blocks = o.chunks_mut(L1_BLOCK).zip(s.chunks(L1_BLOCK));
+                    for (j, (o, s)) in blocks.enumerate() {
                         let acc = &mut acc[..o.len()];
                         acc.copy_from_slice(s);
-                        zip_values(dtype, b, acc, |a, x| *a += x);
-                        o.iter_mut()
-                            .zip(acc.iter())
-                            .for_each(|(o, a)| *o = round(a / n));
+                        if let Some(bytes) = extra {
+                            let at = (k * CHUNK + j * L1_BLOCK) * size;
+                            let b = &bytes[at..at + o.len() * size];
+                            zip_values(dtype, b, acc, |a, x| *a += x);
+                        }
+                        acc.iter_mut().for_each(|a| *a /= n);
+                        round(acc, o);
                     }
-                })
-            }),
-    }
-}
-
-/// Calls `f(acc[i], value_i)` for the little-endian float values in `bytes` (any
-/// alignment), element by element. The loops are over typed slices without indexing, so
-/// the compiler can vectorise them.
-#[inline(always)]
-fn zip_values(dtype: DType, bytes: &[u8], acc: &mut [f64], f: impl Fn(&mut f64, f64)) {
-    #[inline(always)]
-    fn each<const N: usize>(
-        bytes: &[u8],
-        acc: &mut [f64],
-        decode: impl Fn([u8; N]) -> f64,
-        f: impl Fn(&mut f64, f64),
-    ) {
-        for (a, c) in acc.iter_mut().zip(bytes.chunks_exact(N)) {
-            let mut b = [0u8; N];
-            b.copy_from_slice(c);
-            f(a, decode(b));
-        }
-    }
-    match dtype {
-        DType::F32 => each(bytes, acc, |b| f64::from(f32::from_le_bytes(b)), f),
-        DType::F64 => each(bytes, acc, f64::from_le_bytes, f),
-        DType::F16 => each(bytes, acc, |b| f64::from(f16::from_le_bytes(b).to_f32()), f),
-        // bf16 is the upper half of an f32: widening is a shift, exact for every value.
-        DType::BF16 => each(
-            bytes,
-            acc,
-            |b| f64::from(f32::from_bits(u32::from(u16::from_le_bytes(b)) << 16)),
-            f,
-        ),
-        _ => {}
-    }
-}
-
-/// Runs `f`, compiled for AVX2 where the CPU has it (twice the vector width of the
-/// x86-64 baseline). The operations are the same IEEE-754 ones either way (no fused
-/// multiply-add, no reassociation), so the results are bit-identical; only speed differs.
-#[inline(always)]
-fn simd<R>(f: impl FnOnce() -> R) -> R {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU supports AVX2, checked just above.
-            return unsafe { with_avx2(f) };
-        }
-    }
-    f()
-}
-
-/// `f()` with AVX2 enabled: `f` is inlined here, so its loops are vectorised for AVX2.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn with_avx2<R>(f: impl FnOnce() -> R) -> R {
-    f()
+                },
+            )
+        });
 }

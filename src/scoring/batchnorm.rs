@@ -105,7 +105,10 @@ impl Recalibrator {
         }
         let bytes = calibration_graph(model, binding)?.encode_to_vec();
         let mut feeder = Feeder::new(runtime, model, &bytes, binding.clone(), options)?;
-        if feeder.fixed_batch().is_some_and(|n| data.rows % n != 0) {
+        if feeder
+            .fixed_batch()
+            .is_some_and(|n| !data.rows.is_multiple_of(n))
+        {
             return Err(Error::data(
                 &data.path,
                 format!(

@@ -144,7 +144,7 @@ impl<'a> Accumulator<'a> {
             self.rows += rows;
             return Ok(());
         }
-        if rows == 0 || output.len() % rows != 0 || shape.first() != Some(&rows) {
+        if rows == 0 || !output.len().is_multiple_of(rows) || shape.first() != Some(&rows) {
             return Err(Error::Metric(format!(
                 "the model output has shape {shape:?}; expected {rows} rows along axis 0"
             )));

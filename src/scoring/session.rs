@@ -28,7 +28,6 @@ use super::runtime::Runtime;
 use super::Scorer;
 use crate::averaging::Candidate;
 use crate::error::{Error, Result};
-use crate::storage::dtype::read_f64;
 use crate::storage::{CheckpointSet, DType};
 
 /// How batches are formed and how many threads ONNX Runtime uses.
@@ -587,22 +586,18 @@ fn prepare(from: DType, to: ElemType, bytes: &[u8], s: &mut Scratch) -> Source {
         }
         ElemType::BF16 => {
             s.bf16.resize(n, bf16::ZERO);
-            for (i, o) in s.bf16.iter_mut().enumerate() {
-                *o = crate::storage::dtype::bf16_from_f64(read_f64(from, bytes, i));
-            }
+            crate::storage::dtype::to_bf16(from, bytes, &mut s.bf16);
         }
         _ => {
             s.f64.resize(n, 0.0);
-            for (i, o) in s.f64.iter_mut().enumerate() {
-                *o = read_f64(from, bytes, i);
-            }
+            crate::storage::dtype::to_f64(from, bytes, &mut s.f64);
         }
     }
     Source::Converted
 }
 
 fn aligned(bytes: &[u8], align: usize) -> bool {
-    (bytes.as_ptr() as usize) % align == 0
+    (bytes.as_ptr() as usize).is_multiple_of(align)
 }
 
 /// A tensor view for one bound weight, or with `owned`, a copy (see [`run_bound`]).

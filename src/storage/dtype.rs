@@ -5,6 +5,9 @@
 //! exact where the target can hold the value and round to nearest-even otherwise.
 
 use half::{bf16, f16};
+use rayon::prelude::*;
+
+use crate::simd::simd;
 use safetensors::Dtype;
 
 /// The element types `aswa-merge` accepts in a checkpoint.
@@ -95,7 +98,7 @@ pub(crate) fn read_f64(dtype: DType, bytes: &[u8], i: usize) -> f64 {
     match dtype {
         DType::F32 => f32::from_le_bytes(le::<4>(bytes, i)) as f64,
         DType::F64 => f64::from_le_bytes(le::<8>(bytes, i)),
-        DType::F16 => f16::from_bits(u16::from_le_bytes(le::<2>(bytes, i))).to_f64(),
+        DType::F16 => f64::from(f32_from_f16_bits(u16::from_le_bytes(le::<2>(bytes, i)))),
         DType::BF16 => bf16::from_bits(u16::from_le_bytes(le::<2>(bytes, i))).to_f64(),
         _ => f64::NAN,
     }
@@ -108,18 +111,49 @@ fn le<const N: usize>(bytes: &[u8], i: usize) -> [u8; N] {
     out
 }
 
-/// `v` rounded once to `f16`, to nearest-even, with a fast path for values in the normal
-/// range (the averaging hot loop) and `half`'s conversion for the rest.
+/// The `f16` with bits `h` as an `f32` (exact for every value; NaN payloads kept), without
+/// branches or lookups so that loops over it vectorise. (`half`'s `f16::to_f32` checks for
+/// the F16C instructions on every call, which keeps such loops scalar.)
+#[inline(always)]
+pub fn f32_from_f16_bits(h: u16) -> f32 {
+    let h = u32::from(h);
+    // The f16 exponent and mantissa placed in an f32 (2¹¹² too small, subnormals becoming
+    // f32 subnormals), scaled by 2¹¹², which is exact.
+    let magnitude = f32::from_bits((h & 0x7fff) << 13) * f32::from_bits(0x7780_0000);
+    // Infinities and NaN: the scaling gave 2¹⁶ × 1.m; give them the f32 top exponent.
+    let special = if h & 0x7c00 == 0x7c00 { 0x7f80_0000 } else { 0 };
+    f32::from_bits(magnitude.to_bits() | special | ((h & 0x8000) << 16))
+}
+
+/// `v` rounded once to `f16`, to nearest-even, for every `f64`. Normal results by
+/// integer rounding of the bits; zeros and subnormals by rounding `|v|` in units of the
+/// smallest subnormal (exact: a power-of-two scaling); infinities, NaN and overflow by
+/// `half`'s conversion. (`half`'s `f16::from_f64` alone rounds some values just above a
+/// tie between two subnormals down, e.g. 2⁻²⁵ + 2⁻⁷⁷ to 0 instead of 2⁻²⁴.) Every NaN
+/// becomes the canonical quiet NaN ([`f16::NAN`]).
 #[inline]
 pub fn f16_from_f64(v: f64) -> f16 {
-    f16::from_bits(round_f64(v, 15, 10, 0x7c00).unwrap_or_else(|| f16::from_f64(v).to_bits()))
+    if v.is_nan() {
+        return f16::NAN;
+    }
+    if let Some(bits) = round_f64(v, 15, 10, 0x7c00) {
+        return f16::from_bits(bits);
+    }
+    if v.abs() < f64::from(f16::MIN_POSITIVE) {
+        // Below 2⁻¹⁴ the f16 grid is the multiples of 2⁻²⁴, and the bits of a subnormal are
+        // that multiple (1024 = 2⁻¹⁴ itself, the smallest normal, where rounding can end).
+        let units = (v.abs() * 2f64.powi(24)).round_ties_even() as u16;
+        return f16::from_bits(((v.to_bits() >> 48) as u16 & 0x8000) | units);
+    }
+    f16::from_f64(v)
 }
 
 /// `v` rounded once to `bf16`, to nearest-even, for every `f64` (subnormals, overflow to
 /// infinity and NaN included). `half`'s `bf16::from_f64` rounds through `f32` and can be
 /// off by one unit at a tie created by the first rounding; here the `f32` step rounds to
 /// odd (truncate, then set the last bit when inexact), which keeps the final rounding
-/// exact because `f32` carries 16 more bits than `bf16`.
+/// exact because `f32` carries 16 more bits than `bf16`. Every NaN becomes the canonical
+/// quiet NaN ([`bf16::NAN`]).
 #[inline]
 pub fn bf16_from_f64(v: f64) -> bf16 {
     // Written without branches (comparisons become 0/1) so that loops over it vectorise.
@@ -130,9 +164,84 @@ pub fn bf16_from_f64(v: f64) -> bf16 {
     bits |= u32::from(back != v);
     let round = 0x7fff + ((bits >> 16) & 1);
     let rounded = (bits.wrapping_add(round) >> 16) as u16;
-    // NaN: the f32 NaN's upper half, made quiet (sign kept).
-    let nan = ((r.to_bits() >> 16) | 0x0040) as u16;
-    bf16::from_bits(if v.is_nan() { nan } else { rounded })
+    bf16::from_bits(if v.is_nan() {
+        bf16::NAN.to_bits()
+    } else {
+        rounded
+    })
+}
+
+/// `values` rounded to nearest-even into `out`, each exactly as [`bf16_from_f64`] rounds
+/// it, faster on slices (groups of 16 rounded by integer arithmetic, without branches).
+#[inline(always)]
+pub fn bf16_slice_from_f64(values: &[f64], out: &mut [bf16]) {
+    round_slice::<7, 127>(values, bytemuck::cast_slice_mut(out), |v| {
+        bf16_from_f64(v).to_bits()
+    })
+}
+
+/// `values` rounded to nearest-even into `out`, each exactly as [`f16_from_f64`] rounds
+/// it, faster on slices (groups of 16 rounded by integer arithmetic, without branches).
+#[inline(always)]
+pub fn f16_slice_from_f64(values: &[f64], out: &mut [f16]) {
+    round_slice::<10, 15>(values, bytemuck::cast_slice_mut(out), |v| {
+        f16_from_f64(v).to_bits()
+    })
+}
+
+/// Values [`round_slice`] rounds together and checks with one test.
+const LANES: usize = 16;
+
+/// Rounds `values` into the bits of a 16-bit float with `MANT` mantissa bits and exponent
+/// bias `BIAS`, [`LANES`] at a time: every lane by [`round_finite`] (integer and one
+/// addition, which vectorise to the full register width), and the group again by `slow`
+/// when any of its values is out of the format's finite range, infinite or NaN, which in
+/// averaged weights is rare.
+#[inline(always)]
+fn round_slice<const MANT: u32, const BIAS: u64>(
+    values: &[f64],
+    out: &mut [u16],
+    slow: impl Fn(f64) -> u16,
+) {
+    for (o, v) in out.chunks_mut(LANES).zip(values.chunks(LANES)) {
+        let mut fits = true;
+        for (o, &v) in o.iter_mut().zip(v) {
+            let (bits, ok) = round_finite::<MANT, BIAS>(v);
+            *o = bits;
+            fits &= ok;
+        }
+        if !fits {
+            o.iter_mut().zip(v).for_each(|(o, &v)| *o = slow(v));
+        }
+    }
+}
+
+/// `v` rounded to nearest-even into the bits of a 16-bit float with `MANT` mantissa bits
+/// and exponent bias `BIAS`, without branches, and whether that result is right: it is
+/// unless `v` rounds to infinity or is infinite or NaN.
+#[inline(always)]
+fn round_finite<const MANT: u32, const BIAS: u64>(v: f64) -> (u16, bool) {
+    let bits = v.to_bits();
+    let a = bits & !(1 << 63);
+    let shift = 52 - MANT;
+    // Normal results: adding just under half a unit of the result, and one more when its
+    // last kept bit is odd, carries into the kept bits exactly when rounding to
+    // nearest-even rounds up; a carry out of the mantissa raises the exponent, as it should.
+    let r = (a + (1 << (shift - 1)) - 1 + ((a >> shift) & 1)) >> shift;
+    let normal = r.wrapping_sub((1023 - BIAS) << MANT);
+    // Below the smallest normal the format's values are the multiples of its smallest
+    // subnormal, 2^(1 − BIAS − MANT), whose count is the result's bits. Adding
+    // 2^(53 − BIAS − MANT), where the f64 spacing is that subnormal, rounds |v| to one of
+    // them, to nearest-even (one IEEE addition); the count is in the sum's low bits.
+    let magic = f64::from_bits((1023 + 53 - BIAS - u64::from(MANT)) << 52);
+    let subnormal = (f64::from_bits(a) + magic).to_bits() - magic.to_bits();
+    let magnitude = if a < (1024 - BIAS) << 52 {
+        subnormal
+    } else {
+        normal
+    };
+    let finite = r < (1024 + BIAS) << MANT;
+    ((((bits >> 48) & 0x8000) | magnitude) as u16, finite)
 }
 
 /// Rounds `v` to nearest-even into a 16-bit float with exponent `bias` and `mant`
@@ -165,19 +274,142 @@ fn round_f64(v: f64, bias: i32, mant: u32, inf: u16) -> Option<u16> {
     Some(sign | (e << mant) as u16 | m as u16)
 }
 
+/// Calls `f(acc[i], value_i)` for the little-endian float values in `bytes` (any
+/// alignment), element by element. The loops are over typed slices without indexing, so
+/// the compiler can vectorise them.
+#[inline(always)]
+pub(crate) fn zip_values(dtype: DType, bytes: &[u8], acc: &mut [f64], f: impl Fn(&mut f64, f64)) {
+    #[inline(always)]
+    fn each<const N: usize>(
+        bytes: &[u8],
+        acc: &mut [f64],
+        decode: impl Fn([u8; N]) -> f64,
+        f: impl Fn(&mut f64, f64),
+    ) {
+        for (a, c) in acc.iter_mut().zip(bytes.chunks_exact(N)) {
+            let mut b = [0u8; N];
+            b.copy_from_slice(c);
+            f(a, decode(b));
+        }
+    }
+    match dtype {
+        DType::F32 => each(bytes, acc, |b| f64::from(f32::from_le_bytes(b)), f),
+        DType::F64 => each(bytes, acc, f64::from_le_bytes, f),
+        DType::F16 => each(
+            bytes,
+            acc,
+            |b| f64::from(f32_from_f16_bits(u16::from_le_bytes(b))),
+            f,
+        ),
+        // bf16 is the upper half of an f32: widening is a shift, exact for every value.
+        DType::BF16 => each(
+            bytes,
+            acc,
+            |b| f64::from(f32::from_bits(u32::from(u16::from_le_bytes(b)) << 16)),
+            f,
+        ),
+        _ => {}
+    }
+}
+
+/// `values` rounded to nearest-even into `out`, NaN made canonical ([`f32::NAN`]).
+#[inline(always)]
+pub fn f32_slice_from_f64(values: &[f64], out: &mut [f32]) {
+    out.iter_mut()
+        .zip(values)
+        .for_each(|(o, v)| *o = if v.is_nan() { f32::NAN } else { *v as f32 });
+}
+
+/// `values` into `out` (nothing to round), NaN made canonical ([`f64::NAN`]).
+#[inline(always)]
+pub fn f64_slice_from_f64(values: &[f64], out: &mut [f64]) {
+    out.iter_mut()
+        .zip(values)
+        .for_each(|(o, v)| *o = if v.is_nan() { f64::NAN } else { *v });
+}
+
+/// Elements converted per block (its `f64` values stay in the L1 cache).
+const BLOCK: usize = 1024;
+
+/// Elements per parallel work item of a conversion.
+const PAR_CHUNK: usize = 1 << 15;
+
+/// Converts the little-endian float bytes of `from` (any alignment) into `out`: the values
+/// widened exactly to `f64` a block at a time, then `finish`ed (rounded) into `out`; in
+/// parallel chunks, vectorised ([`simd`]). `from` must be a float type.
+fn convert<T: Send>(
+    from: DType,
+    bytes: &[u8],
+    out: &mut [T],
+    finish: impl Fn(&[f64], &mut [T]) + Sync,
+) {
+    let size = from.size();
+    out.par_chunks_mut(PAR_CHUNK)
+        .zip(bytes.par_chunks(PAR_CHUNK * size))
+        .for_each(|(o, b)| {
+            simd(
+                #[inline(always)]
+                || {
+                    let mut block = [0f64; BLOCK];
+                    for (o, b) in o.chunks_mut(BLOCK).zip(b.chunks(BLOCK * size)) {
+                        let block = &mut block[..o.len()];
+                        zip_values(from, b, block, |a, x| *a = x);
+                        finish(block, o);
+                    }
+                },
+            )
+        });
+}
+
 /// Converts little-endian float bytes of `from` into `f32` values (exact for f16,
 /// bf16 and f32; rounded to nearest-even for f64).
 pub fn to_f32(from: DType, bytes: &[u8], out: &mut [f32]) {
-    for (i, o) in out.iter_mut().enumerate() {
-        *o = read_f64(from, bytes, i) as f32;
+    match from {
+        // Exact in f32 directly: no f64 step.
+        DType::F16 => widen(bytes, out, |b| f32_from_f16_bits(u16::from_le_bytes(b))),
+        DType::BF16 => widen(bytes, out, |b| {
+            f32::from_bits(u32::from(u16::from_le_bytes(b)) << 16)
+        }),
+        _ => convert(from, bytes, out, f32_slice_from_f64),
     }
+}
+
+/// `out[i] = decode(element i of bytes)` for `N`-byte elements, in parallel chunks,
+/// vectorised.
+fn widen<const N: usize, T: Send>(
+    bytes: &[u8],
+    out: &mut [T],
+    decode: impl Fn([u8; N]) -> T + Sync,
+) {
+    out.par_chunks_mut(PAR_CHUNK)
+        .zip(bytes.par_chunks(PAR_CHUNK * N))
+        .for_each(|(o, b)| {
+            simd(
+                #[inline(always)]
+                || {
+                    for (o, c) in o.iter_mut().zip(b.chunks_exact(N)) {
+                        let mut e = [0u8; N];
+                        e.copy_from_slice(c);
+                        *o = decode(e);
+                    }
+                },
+            )
+        });
 }
 
 /// Converts little-endian float bytes of `from` into `f16` values (round to nearest-even).
 pub fn to_f16(from: DType, bytes: &[u8], out: &mut [f16]) {
-    for (i, o) in out.iter_mut().enumerate() {
-        *o = f16_from_f64(read_f64(from, bytes, i));
-    }
+    convert(from, bytes, out, f16_slice_from_f64);
+}
+
+/// Converts little-endian float bytes of `from` into `bf16` values (round to nearest-even).
+pub fn to_bf16(from: DType, bytes: &[u8], out: &mut [bf16]) {
+    convert(from, bytes, out, bf16_slice_from_f64);
+}
+
+/// Converts little-endian float bytes of `from` into `f64` values (exact).
+pub fn to_f64(from: DType, bytes: &[u8], out: &mut [f64]) {
+    convert(from, bytes, out, f64_slice_from_f64);
 }
 
 /// `v` rounded to float type `to` and widened back (what a tensor of type `to` holds
@@ -213,28 +445,181 @@ pub fn transpose_into(bytes: &[u8], rows: usize, cols: usize, size: usize, out: 
 /// Float bytes of type `from` as bytes of float type `to` (a copy when they match;
 /// rounded to nearest-even when `to` is narrower).
 pub fn convert_bytes(from: DType, to: DType, bytes: &[u8]) -> Vec<u8> {
-    if from == to {
+    if from == to || !from.is_float() {
         return bytes.to_vec();
     }
     let n = bytes.len() / from.size();
-    let mut out = Vec::with_capacity(n * to.size());
-    for i in 0..n {
-        let v = read_f64(from, bytes, i);
-        match to {
-            DType::F32 => out.extend_from_slice(&(v as f32).to_le_bytes()),
-            DType::F64 => out.extend_from_slice(&v.to_le_bytes()),
-            DType::F16 => out.extend_from_slice(&f16_from_f64(v).to_le_bytes()),
-            DType::BF16 => out.extend_from_slice(&bf16_from_f64(v).to_le_bytes()),
-            // Integer tensors are only ever bound to their own type.
-            _ => return bytes.to_vec(),
+    match to {
+        DType::F32 => {
+            let mut out = vec![0f32; n];
+            to_f32(from, bytes, &mut out);
+            bytemuck::cast_slice(&out).to_vec()
         }
+        DType::F64 => {
+            let mut out = vec![0f64; n];
+            to_f64(from, bytes, &mut out);
+            bytemuck::cast_slice(&out).to_vec()
+        }
+        DType::F16 => {
+            let mut out = vec![f16::ZERO; n];
+            to_f16(from, bytes, &mut out);
+            bytemuck::cast_slice(&out).to_vec()
+        }
+        DType::BF16 => {
+            let mut out = vec![bf16::ZERO; n];
+            to_bf16(from, bytes, &mut out);
+            bytemuck::cast_slice(&out).to_vec()
+        }
+        // Integer tensors are only ever bound to their own type.
+        _ => bytes.to_vec(),
     }
-    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn conversions_round_each_value_as_the_scalar_functions_do() {
+        // Unaligned input (offset 1) longer than one parallel chunk, every kind of value.
+        let values = around_every_value(|b| f16::from_bits(b).to_f64());
+        for from in [DType::F16, DType::BF16, DType::F32, DType::F64] {
+            let mut bytes = vec![0u8];
+            for &v in &values {
+                match from {
+                    DType::F16 => bytes.extend(f16_from_f64(v).to_le_bytes()),
+                    DType::BF16 => bytes.extend(bf16_from_f64(v).to_le_bytes()),
+                    DType::F32 => bytes.extend((v as f32).to_le_bytes()),
+                    _ => bytes.extend(v.to_le_bytes()),
+                }
+            }
+            let bytes = &bytes[1..];
+            let n = values.len();
+            assert!(n > PAR_CHUNK);
+            let exact: Vec<f64> = (0..n).map(|i| read_f64(from, bytes, i)).collect();
+            let same = |a: f64, b: f64| a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan());
+            let mut f32s = vec![0f32; n];
+            to_f32(from, bytes, &mut f32s);
+            let mut f16s = vec![f16::ZERO; n];
+            to_f16(from, bytes, &mut f16s);
+            let mut bf16s = vec![bf16::ZERO; n];
+            to_bf16(from, bytes, &mut bf16s);
+            let mut f64s = vec![0f64; n];
+            to_f64(from, bytes, &mut f64s);
+            for (i, &v) in exact.iter().enumerate() {
+                assert!(
+                    same(f64::from(f32s[i]), f64::from(v as f32)),
+                    "{from:?} {v:e} to f32"
+                );
+                assert!(
+                    same(f16s[i].to_f64(), f16_from_f64(v).to_f64()),
+                    "{from:?} {v:e} to f16"
+                );
+                assert!(
+                    same(bf16s[i].to_f64(), bf16_from_f64(v).to_f64()),
+                    "{from:?} {v:e} to bf16"
+                );
+                assert!(same(f64s[i], v), "{from:?} {v:e} to f64");
+            }
+        }
+    }
+
+    #[test]
+    fn f16_widening_is_exact_for_every_bit_pattern() {
+        for h in 0..=u16::MAX {
+            let (ours, reference) = (f32_from_f16_bits(h), f16::from_bits(h).to_f32());
+            if reference.is_nan() {
+                // A NaN stays a NaN, with its sign and payload.
+                assert_eq!(
+                    ours.to_bits() | 0x0040_0000,
+                    reference.to_bits() | 0x0040_0000
+                );
+                assert!(ours.is_nan(), "{h:#x}");
+            } else {
+                assert_eq!(ours.to_bits(), reference.to_bits(), "{h:#x}");
+            }
+        }
+    }
+
+    /// Values on, between and next to every 16-bit float: each one itself, the midpoint to
+    /// the next (a tie), one f64 unit either side of the midpoint, and a quarter of the
+    /// way; plus zeros, the f64 extremes and NaNs.
+    fn around_every_value(decode: impl Fn(u16) -> f64) -> Vec<f64> {
+        let mut v = vec![
+            0.0,
+            -0.0,
+            f64::MIN_POSITIVE,
+            f64::MAX,
+            f64::INFINITY,
+            f64::NAN,
+        ];
+        v.push(-f64::NAN);
+        for bits in 0..=u16::MAX {
+            let (x, y) = (decode(bits), decode(bits.wrapping_add(1)));
+            v.push(x);
+            if x.is_finite() && y.is_finite() && (bits & 0x7fff) != 0x7fff {
+                let mid = (x + y) / 2.0;
+                v.push(mid);
+                v.push(f64::from_bits(mid.to_bits() + 1));
+                v.push(f64::from_bits(mid.to_bits() - 1));
+                v.push(x + (y - x) / 4.0);
+            }
+        }
+        v
+    }
+
+    #[test]
+    fn slice_rounding_gives_the_bits_of_rounding_each_value() {
+        let values = around_every_value(|b| bf16::from_bits(b).to_f64());
+        let mut out = vec![bf16::ZERO; values.len()];
+        bf16_slice_from_f64(&values, &mut out);
+        for (v, o) in values.iter().zip(&out) {
+            assert_eq!(o.to_bits(), bf16_from_f64(*v).to_bits(), "bf16 of {v:e}");
+        }
+        let values = around_every_value(|b| f16::from_bits(b).to_f64());
+        let mut out = vec![f16::ZERO; values.len()];
+        f16_slice_from_f64(&values, &mut out);
+        for (v, o) in values.iter().zip(&out) {
+            assert_eq!(o.to_bits(), f16_from_f64(*v).to_bits(), "f16 of {v:e}");
+        }
+    }
+
+    /// Checks `round` against the nearest value of the format found by distance in f64
+    /// (ties to the even bit pattern), for every finite value below the format's largest.
+    fn check_nearest(round: impl Fn(f64) -> u16, decode: impl Fn(u16) -> f64, max: f64) {
+        for v in around_every_value(&decode) {
+            if !v.is_finite() || v.abs() >= max {
+                continue;
+            }
+            let guess = round(v);
+            let dist = |b: u16| (decode(b) - v).abs();
+            let best = [guess.wrapping_sub(1), guess, guess.wrapping_add(1)]
+                .into_iter()
+                .filter(|b| decode(*b).is_finite())
+                .min_by(|a, b| dist(*a).total_cmp(&dist(*b)).then((a & 1).cmp(&(b & 1))))
+                .expect("a finite neighbour");
+            let tie_to_even = dist(guess) != dist(best) || guess & 1 == 0 || dist(best) == 0.0;
+            assert!(
+                dist(guess) == dist(best) && (tie_to_even || best == guess),
+                "{v:e}: {guess:#x}, nearest {best:#x}"
+            );
+        }
+    }
+
+    #[test]
+    fn rounding_gives_the_nearest_value_ties_to_even() {
+        // Independent of how the functions compute it: a search among the neighbours.
+        check_nearest(
+            |v| bf16_from_f64(v).to_bits(),
+            |b| bf16::from_bits(b).to_f64(),
+            bf16::MAX.to_f64(),
+        );
+        check_nearest(
+            |v| f16_from_f64(v).to_bits(),
+            |b| f16::from_bits(b).to_f64(),
+            f16::MAX.to_f64(),
+        );
+    }
 
     #[test]
     fn transpose_moves_every_element_to_its_mirrored_place() {

@@ -1,0 +1,124 @@
+//! Which vector instructions the averaging and conversion kernels run with.
+//!
+//! The kernels are plain Rust loops; `simd` runs one compiled for the widest instruction
+//! set the CPU has (AVX-512, AVX2, or the x86-64 baseline), chosen at run time so that one
+//! binary runs everywhere. Every level performs the same IEEE-754 operations in the same
+//! order (Rust never fuses a multiply and an add or reassociates on its own), so every
+//! level gives the same bits; only speed differs. [`limit`] caps the level for the whole
+//! process, for benchmarks and for the tests that check the levels agree.
+
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::OnceLock;
+
+/// A vector instruction set the kernels can be compiled for, narrowest first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Level {
+    /// The architecture's baseline (SSE2 on x86-64; everything on other architectures).
+    Baseline,
+    /// AVX2 (256-bit registers).
+    Avx2,
+    /// AVX-512 F, BW, DQ and VL (512-bit registers; mask registers make the bf16 and f16
+    /// rounding cheap).
+    Avx512,
+}
+
+impl Level {
+    /// Every level, narrowest first.
+    pub const ALL: [Level; 3] = [Level::Baseline, Level::Avx2, Level::Avx512];
+
+    /// The widest level this CPU supports.
+    pub fn detected() -> Level {
+        static DETECTED: OnceLock<Level> = OnceLock::new();
+        *DETECTED.get_or_init(detect)
+    }
+
+    /// The level the kernels use now: [`Level::detected`], capped by [`limit`].
+    pub fn active() -> Level {
+        let cap = match LIMIT.load(Ordering::Relaxed) {
+            0 => Level::Baseline,
+            1 => Level::Avx2,
+            _ => Level::Avx512,
+        };
+        Level::detected().min(cap)
+    }
+
+    /// Its name, as `ASWA_BENCH_SIMD` and the benchmark's output spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Level::Baseline => "baseline",
+            Level::Avx2 => "avx2",
+            Level::Avx512 => "avx512",
+        }
+    }
+}
+
+/// The cap set by [`limit`] (a `Level` as a number; no cap at first).
+static LIMIT: AtomicU8 = AtomicU8::new(u8::MAX);
+
+/// Caps the level the kernels use from now on, process-wide (levels the CPU lacks are
+/// never used whatever the cap). Results do not depend on it.
+pub fn limit(max: Level) {
+    LIMIT.store(max as u8, Ordering::Relaxed);
+}
+
+#[cfg(target_arch = "x86_64")]
+fn detect() -> Level {
+    use std::arch::is_x86_feature_detected as has;
+    if has!("avx512f") && has!("avx512bw") && has!("avx512dq") && has!("avx512vl") {
+        Level::Avx512
+    } else if has!("avx2") {
+        Level::Avx2
+    } else {
+        Level::Baseline
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn detect() -> Level {
+    Level::Baseline
+}
+
+/// Runs `f` compiled for [`Level::active`].
+///
+/// Callers mark the closure `#[inline(always)]`: it is then compiled inside each
+/// `target_feature` function below. Without it the compiler may keep the closure out of
+/// line, compiled once for the baseline, and the wider instructions are lost (bf16 means
+/// ran at 1.8 instead of 4.0 GB/s that way; docs/performance.md).
+#[inline(always)]
+pub(crate) fn simd<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    match Level::active() {
+        // SAFETY: `active` never exceeds what `detect` found this CPU supports.
+        Level::Avx512 => return unsafe { with_avx512(f) },
+        // SAFETY: as above.
+        Level::Avx2 => return unsafe { with_avx2(f) },
+        Level::Baseline => {}
+    }
+    f()
+}
+
+/// `f()` with AVX-512 enabled.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+unsafe fn with_avx512<R>(f: impl FnOnce() -> R) -> R {
+    f()
+}
+
+/// `f()` with AVX2 enabled.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn with_avx2<R>(f: impl FnOnce() -> R) -> R {
+    f()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn levels_are_ordered_and_the_active_one_never_exceeds_the_cpu() {
+        assert!(Level::Baseline < Level::Avx2 && Level::Avx2 < Level::Avx512);
+        assert!(Level::active() <= Level::detected());
+        assert_eq!(Level::ALL.map(Level::name), ["baseline", "avx2", "avx512"]);
+    }
+}

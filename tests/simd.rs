@@ -1,0 +1,151 @@
+//! The averaging kernels give the same bits at every vector instruction level the CPU
+//! supports (baseline, AVX2, AVX-512): means, EMAs and ASWA's running sum, for every float
+//! dtype, on ordinary values and on the edge cases (zeros, subnormals, ties, infinities,
+//! NaN, values near overflow). On a CPU without AVX2 only the baseline runs.
+//!
+//! One test function: the level cap is process-wide.
+
+use std::path::Path;
+
+use aswa_merge::averaging::{Accumulator, Candidate, Recipe, Weights};
+use aswa_merge::simd::{limit, Level};
+use aswa_merge::storage::{CheckpointSet, CheckpointSource};
+use safetensors::tensor::TensorView;
+use safetensors::Dtype;
+
+/// Checkpoints per set: more than one group of `Weights::build`, so both of its paths run.
+const N: usize = 11;
+/// Elements of the big tensor: over one parallel chunk, not a multiple of any block.
+const BIG: usize = 40_000 + 37;
+/// Elements per kind of value.
+const RUN: usize = 2048;
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+/// Bits of element `i` of checkpoint `c` for a float of `width` bits with `mant`
+/// mantissa bits: runs of ordinary values, arbitrary bits, zeros and subnormals, values one
+/// unit apart (means on ties), and values near the largest finite one.
+fn bits(rng: &mut Rng, i: usize, c: usize, width: u32, mant: u32) -> u64 {
+    let r = rng.next();
+    let exp_bits = width - 1 - mant;
+    let bias = (1u64 << (exp_bits - 1)) - 1;
+    let sign = (r >> 63) << (width - 1);
+    let m = r & ((1u64 << mant) - 1);
+    match (i / RUN) % 5 {
+        // Ordinary weights: exponents within a few binades of 1 / 16.
+        0 => sign | ((bias - 4 + (r >> 40) % 6) << mant) | m,
+        // Anything, infinities and NaN included.
+        1 => r >> (64 - width),
+        // Zeros and subnormals, and the smallest normals.
+        2 => sign | ((r >> 32) % 3 * (m & ((1 << (mant - 1)) - 1))),
+        // The same value or one unit above it: means of two land on ties.
+        3 => ((bias - 2) << mant) | ((i as u64 * 2) & ((1 << mant) - 1)) | (c as u64 & 1),
+        // Near the largest finite value.
+        _ => sign | (((1u64 << exp_bits) - 2) << mant) | m,
+    }
+}
+
+fn write(dir: &Path, dtype: Dtype) -> CheckpointSet {
+    let (width, mant) = match dtype {
+        Dtype::F16 => (16, 10),
+        Dtype::BF16 => (16, 7),
+        Dtype::F32 => (32, 23),
+        _ => (64, 52),
+    };
+    let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+    let shapes: [(&str, Vec<usize>); 3] = [
+        ("big.weight", vec![BIG]),
+        ("small.bias", vec![5]),
+        ("scale", vec![]),
+    ];
+    let mut paths = Vec::new();
+    for c in 0..N {
+        let data: Vec<Vec<u8>> = shapes
+            .iter()
+            .map(|(_, shape)| {
+                let numel: usize = shape.iter().product();
+                (0..numel)
+                    .flat_map(|i| {
+                        let b = bits(&mut rng, i, c, width, mant).to_le_bytes();
+                        b[..width as usize / 8].to_vec()
+                    })
+                    .collect()
+            })
+            .collect();
+        let views: Vec<(String, TensorView<'_>)> = shapes
+            .iter()
+            .zip(&data)
+            .map(|((name, shape), b)| {
+                let view = TensorView::new(dtype, shape.clone(), b).expect("view");
+                (name.to_string(), view)
+            })
+            .collect();
+        let path = dir.join(format!("ckpt_{c}.safetensors"));
+        safetensors::serialize_to_file(views, None, &path).expect("write checkpoint");
+        paths.push(CheckpointSource::File(path));
+    }
+    CheckpointSet::open(paths).expect("open checkpoints")
+}
+
+/// Every tensor of the models this level computes, as bytes.
+fn models(set: &CheckpointSet) -> Vec<Vec<u8>> {
+    let all: Vec<usize> = (0..N).collect();
+    let mut models = vec![
+        Weights::build(set, Recipe::Mean(&all)),
+        Weights::build(set, Recipe::Mean(&all[2..7])),
+        Weights::build(set, Recipe::Ema(&all, 0.9)),
+    ];
+    let mut acc = Accumulator::new(set);
+    acc.reset(set, 1);
+    for c in [3, 4, 8] {
+        acc.add(set, c);
+    }
+    for extra in [None, Some(10)] {
+        let mut w = Weights::new(set);
+        acc.mean_into(set, extra, &mut w);
+        models.push(w);
+    }
+    let specs = set.specs().len();
+    models
+        .iter()
+        .flat_map(|w| (0..specs).map(|t| Candidate::Average(w).tensor_bytes(set, t).to_vec()))
+        .collect()
+}
+
+#[test]
+fn every_vector_level_gives_the_same_bits() {
+    let levels: Vec<Level> = Level::ALL
+        .into_iter()
+        .filter(|&l| l <= Level::detected())
+        .collect();
+    for dtype in [Dtype::BF16, Dtype::F16, Dtype::F32, Dtype::F64] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let set = write(dir.path(), dtype);
+        let mut results = Vec::new();
+        for &level in &levels {
+            limit(level);
+            assert_eq!(Level::active(), level);
+            results.push(models(&set));
+        }
+        limit(Level::Avx512);
+        for (level, result) in levels.iter().zip(&results).skip(1) {
+            for (t, (a, b)) in results[0].iter().zip(result).enumerate() {
+                let first = a.iter().zip(b).position(|(x, y)| x != y);
+                assert!(
+                    first.is_none(),
+                    "{dtype:?}: model tensor {t} differs between {} and {} at byte {first:?}",
+                    levels[0].name(),
+                    level.name(),
+                );
+            }
+        }
+    }
+}
