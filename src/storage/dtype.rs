@@ -312,6 +312,67 @@ pub(crate) fn zip_values(dtype: DType, bytes: &[u8], acc: &mut [f64], f: impl Fn
     }
 }
 
+/// `acc[i] = f(f(f(f(acc[i], a_i), b_i), c_i), d_i)` for the little-endian float values
+/// `a_i`, `b_i`, `c_i`, `d_i` of the four `sources` (with `start`, `a_i` stands in for
+/// `acc[i]`): four members added with one load and one store of each sum.
+#[inline(always)]
+pub(crate) fn zip_values4(
+    dtype: DType,
+    sources: [&[u8]; 4],
+    acc: &mut [f64],
+    start: bool,
+    f: impl Fn(f64, f64) -> f64,
+) {
+    #[inline(always)]
+    fn each<const N: usize>(
+        [a, b, c, d]: [&[u8]; 4],
+        acc: &mut [f64],
+        start: bool,
+        decode: impl Fn([u8; N]) -> f64,
+        f: impl Fn(f64, f64) -> f64,
+    ) {
+        let value = |c: &[u8]| {
+            let mut e = [0u8; N];
+            e.copy_from_slice(c);
+            decode(e)
+        };
+        let rows = acc
+            .iter_mut()
+            .zip(a.chunks_exact(N))
+            .zip(b.chunks_exact(N))
+            .zip(c.chunks_exact(N))
+            .zip(d.chunks_exact(N));
+        if start {
+            for ((((s, a), b), c), d) in rows {
+                *s = f(f(f(value(a), value(b)), value(c)), value(d));
+            }
+        } else {
+            for ((((s, a), b), c), d) in rows {
+                *s = f(f(f(f(*s, value(a)), value(b)), value(c)), value(d));
+            }
+        }
+    }
+    match dtype {
+        DType::F32 => each(sources, acc, start, |b| f64::from(f32::from_le_bytes(b)), f),
+        DType::F64 => each(sources, acc, start, f64::from_le_bytes, f),
+        DType::F16 => each(
+            sources,
+            acc,
+            start,
+            |b| f64::from(f32_from_f16_bits(u16::from_le_bytes(b))),
+            f,
+        ),
+        DType::BF16 => each(
+            sources,
+            acc,
+            start,
+            |b| f64::from(f32::from_bits(u32::from(u16::from_le_bytes(b)) << 16)),
+            f,
+        ),
+        _ => {}
+    }
+}
+
 /// `values` rounded to nearest-even into `out`, NaN made canonical ([`f32::NAN`]).
 #[inline(always)]
 pub fn f32_slice_from_f64(values: &[f64], out: &mut [f32]) {
