@@ -274,6 +274,19 @@ fn round_f64(v: f64, bias: i32, mant: u32, inf: u16) -> Option<u16> {
     Some(sign | (e << mant) as u16 | m as u16)
 }
 
+/// A little-endian f16 as an `f32` (exact).
+#[inline(always)]
+fn f16_le(b: [u8; 2]) -> f32 {
+    f32_from_f16_bits(u16::from_le_bytes(b))
+}
+
+/// A little-endian bf16 as an `f32`: bf16 is the upper half of an f32, so widening is a
+/// shift, exact for every value.
+#[inline(always)]
+fn bf16_le(b: [u8; 2]) -> f32 {
+    f32::from_bits(u32::from(u16::from_le_bytes(b)) << 16)
+}
+
 /// Calls `f(acc[i], value_i)` for the little-endian float values in `bytes` (any
 /// alignment), element by element. The loops are over typed slices without indexing, so
 /// the compiler can vectorise them.
@@ -295,19 +308,8 @@ pub(crate) fn zip_values(dtype: DType, bytes: &[u8], acc: &mut [f64], f: impl Fn
     match dtype {
         DType::F32 => each(bytes, acc, |b| f64::from(f32::from_le_bytes(b)), f),
         DType::F64 => each(bytes, acc, f64::from_le_bytes, f),
-        DType::F16 => each(
-            bytes,
-            acc,
-            |b| f64::from(f32_from_f16_bits(u16::from_le_bytes(b))),
-            f,
-        ),
-        // bf16 is the upper half of an f32: widening is a shift, exact for every value.
-        DType::BF16 => each(
-            bytes,
-            acc,
-            |b| f64::from(f32::from_bits(u32::from(u16::from_le_bytes(b)) << 16)),
-            f,
-        ),
+        DType::F16 => each(bytes, acc, |b| f64::from(f16_le(b)), f),
+        DType::BF16 => each(bytes, acc, |b| f64::from(bf16_le(b)), f),
         _ => {}
     }
 }
@@ -355,20 +357,8 @@ pub(crate) fn zip_values4(
     match dtype {
         DType::F32 => each(sources, acc, start, |b| f64::from(f32::from_le_bytes(b)), f),
         DType::F64 => each(sources, acc, start, f64::from_le_bytes, f),
-        DType::F16 => each(
-            sources,
-            acc,
-            start,
-            |b| f64::from(f32_from_f16_bits(u16::from_le_bytes(b))),
-            f,
-        ),
-        DType::BF16 => each(
-            sources,
-            acc,
-            start,
-            |b| f64::from(f32::from_bits(u32::from(u16::from_le_bytes(b)) << 16)),
-            f,
-        ),
+        DType::F16 => each(sources, acc, start, |b| f64::from(f16_le(b)), f),
+        DType::BF16 => each(sources, acc, start, |b| f64::from(bf16_le(b)), f),
         _ => {}
     }
 }
@@ -427,10 +417,8 @@ fn convert<T: Send>(
 pub fn to_f32(from: DType, bytes: &[u8], out: &mut [f32]) {
     match from {
         // Exact in f32 directly: no f64 step.
-        DType::F16 => widen(bytes, out, |b| f32_from_f16_bits(u16::from_le_bytes(b))),
-        DType::BF16 => widen(bytes, out, |b| {
-            f32::from_bits(u32::from(u16::from_le_bytes(b)) << 16)
-        }),
+        DType::F16 => widen(bytes, out, f16_le),
+        DType::BF16 => widen(bytes, out, bf16_le),
         _ => convert(from, bytes, out, f32_slice_from_f64),
     }
 }
