@@ -13,3 +13,6 @@ cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings
 RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --locked --quiet
 cargo test --locked
+# The vector levels differ only in optimised code: the numeric kernels' tests once more,
+# optimised (tests/simd.rs checks that every level the CPU has gives the same bits).
+cargo test --release --locked --lib --test simd

@@ -4,8 +4,12 @@
 //! set the CPU has (AVX-512, AVX2, or the x86-64 baseline), chosen at run time so that one
 //! binary runs everywhere. Every level performs the same IEEE-754 operations in the same
 //! order (Rust never fuses a multiply and an add or reassociates on its own), so every
-//! level gives the same bits; only speed differs. [`limit`] caps the level for the whole
-//! process, for benchmarks and for the tests that check the levels agree.
+//! level gives the same values; only speed differs. The one exception is which NaN an
+//! operation on two NaNs returns, which IEEE 754 leaves open and which differs between
+//! scalar and vector code: the kernels write every NaN result as the canonical quiet NaN,
+//! so their output is the same bits at every level. [`limit`] caps the level for the whole
+//! process, for benchmarks and for the tests that check the levels agree (they differ
+//! only in optimised builds).
 
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::OnceLock;

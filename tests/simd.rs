@@ -1,7 +1,11 @@
-//! The averaging kernels give the same bits at every vector instruction level the CPU
-//! supports (baseline, AVX2, AVX-512): means, EMAs and ASWA's running sum, for every float
-//! dtype, on ordinary values and on the edge cases (zeros, subnormals, ties, infinities,
-//! NaN, values near overflow). On a CPU without AVX2 only the baseline runs.
+//! The averaging and conversion kernels give the same bits at every vector instruction
+//! level the CPU supports (baseline, AVX2, AVX-512): means, EMAs and ASWA's running sum,
+//! and the conversions that bind a checkpoint to a model of another float type, for every
+//! float dtype, on ordinary values and on the edge cases (zeros, subnormals, ties,
+//! infinities, NaN, values near overflow). On a CPU without AVX2 only the baseline runs.
+//!
+//! The levels differ only in optimised builds (without optimisation nothing is
+//! vectorised): `scripts/test.sh` runs this test with `--release` too.
 //!
 //! One test function: the level cap is process-wide.
 
@@ -9,7 +13,8 @@ use std::path::Path;
 
 use aswa_merge::averaging::{Accumulator, Candidate, Recipe, Weights};
 use aswa_merge::simd::{limit, Level};
-use aswa_merge::storage::{CheckpointSet, CheckpointSource};
+use aswa_merge::storage::{dtype, CheckpointSet, CheckpointSource};
+use half::{bf16, f16};
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
 
@@ -45,7 +50,7 @@ fn bits(rng: &mut Rng, i: usize, c: usize, width: u32, mant: u32) -> u64 {
         // Anything, infinities and NaN included.
         1 => r >> (64 - width),
         // Zeros and subnormals, and the smallest normals.
-        2 => sign | ((r >> 32) % 3 * (m & ((1 << (mant - 1)) - 1))),
+        2 => sign | ((r >> 32) % 4 * (m & ((1 << (mant - 1)) - 1))),
         // The same value or one unit above it: means of two land on ties.
         3 => ((bias - 2) << mant) | ((i as u64 * 2) & ((1 << mant) - 1)) | (c as u64 & 1),
         // Near the largest finite value.
@@ -95,8 +100,9 @@ fn write(dir: &Path, dtype: Dtype) -> CheckpointSet {
     CheckpointSet::open(paths).expect("open checkpoints")
 }
 
-/// Every tensor of the models this level computes, as bytes.
-fn models(set: &CheckpointSet) -> Vec<Vec<u8>> {
+/// Every tensor of the models this level computes, and the conversions of every tensor
+/// of one checkpoint to each float type, as bytes.
+fn results_at(set: &CheckpointSet) -> Vec<Vec<u8>> {
     let all: Vec<usize> = (0..N).collect();
     let mut models = vec![
         Weights::build(set, Recipe::Mean(&all)),
@@ -113,11 +119,27 @@ fn models(set: &CheckpointSet) -> Vec<Vec<u8>> {
         acc.mean_into(set, extra, &mut w);
         models.push(w);
     }
-    let specs = set.specs().len();
-    models
+    let specs = set.specs();
+    let mut out: Vec<Vec<u8>> = models
         .iter()
-        .flat_map(|w| (0..specs).map(|t| Candidate::Average(w).tensor_bytes(set, t).to_vec()))
-        .collect()
+        .flat_map(|w| (0..specs.len()).map(|t| Candidate::Average(w).tensor_bytes(set, t).to_vec()))
+        .collect();
+    for (t, spec) in specs.iter().enumerate() {
+        let (bytes, n) = (set.tensor_bytes(4, t), spec.numel());
+        let mut f32s = vec![0f32; n];
+        dtype::to_f32(spec.dtype, bytes, &mut f32s);
+        let mut f16s = vec![f16::ZERO; n];
+        dtype::to_f16(spec.dtype, bytes, &mut f16s);
+        let mut bf16s = vec![bf16::ZERO; n];
+        dtype::to_bf16(spec.dtype, bytes, &mut bf16s);
+        let mut f64s = vec![0f64; n];
+        dtype::to_f64(spec.dtype, bytes, &mut f64s);
+        out.push(bytemuck::cast_slice(&f32s).to_vec());
+        out.push(bytemuck::cast_slice(&f16s).to_vec());
+        out.push(bytemuck::cast_slice(&bf16s).to_vec());
+        out.push(bytemuck::cast_slice(&f64s).to_vec());
+    }
+    out
 }
 
 #[test]
@@ -133,7 +155,7 @@ fn every_vector_level_gives_the_same_bits() {
         for &level in &levels {
             limit(level);
             assert_eq!(Level::active(), level);
-            results.push(models(&set));
+            results.push(results_at(&set));
         }
         limit(Level::Avx512);
         for (level, result) in levels.iter().zip(&results).skip(1) {
@@ -141,7 +163,7 @@ fn every_vector_level_gives_the_same_bits() {
                 let first = a.iter().zip(b).position(|(x, y)| x != y);
                 assert!(
                     first.is_none(),
-                    "{dtype:?}: model tensor {t} differs between {} and {} at byte {first:?}",
+                    "{dtype:?}: result {t} differs between {} and {} at byte {first:?}",
                     levels[0].name(),
                     level.name(),
                 );

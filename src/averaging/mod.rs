@@ -100,10 +100,8 @@ impl Weights {
             ))
         };
         match self.bufs.get_mut(t).and_then(Option::as_mut) {
-            Some(FloatBuf::F32(o)) if o.len() == values.len() => {
-                o.iter_mut().zip(values).for_each(|(o, v)| *o = *v as f32)
-            }
-            Some(FloatBuf::F64(o)) if o.len() == values.len() => o.copy_from_slice(values),
+            Some(FloatBuf::F32(o)) if o.len() == values.len() => f32_slice_from_f64(values, o),
+            Some(FloatBuf::F64(o)) if o.len() == values.len() => f64_slice_from_f64(values, o),
             Some(FloatBuf::F16(o)) if o.len() == values.len() => f16_slice_from_f64(values, o),
             Some(FloatBuf::BF16(o)) if o.len() == values.len() => bf16_slice_from_f64(values, o),
             _ => return Err(wrong()),

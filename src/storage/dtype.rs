@@ -117,17 +117,26 @@ fn le<const N: usize>(bytes: &[u8], i: usize) -> [u8; N] {
 #[inline(always)]
 pub fn f32_from_f16_bits(h: u16) -> f32 {
     let h = u32::from(h);
-    // The f16 exponent and mantissa placed in an f32 (2¹¹² too small, subnormals becoming
-    // f32 subnormals), scaled by 2¹¹², which is exact.
-    let magnitude = f32::from_bits((h & 0x7fff) << 13) * f32::from_bits(0x7780_0000);
-    // Infinities and NaN: the scaling gave 2¹⁶ × 1.m; give them the f32 top exponent.
+    // Normal values: the exponent rebiased (15 → 127) and the mantissa moved up. Infinities
+    // and NaN get the f32 top exponent instead (mantissa, so NaN payload, kept).
+    let normal = ((h & 0x7fff) << 13) + ((127 - 15) << 23);
     let special = if h & 0x7c00 == 0x7c00 { 0x7f80_0000 } else { 0 };
-    f32::from_bits(magnitude.to_bits() | special | ((h & 0x8000) << 16))
+    // Zeros and subnormals, 0.m × 2⁻¹⁴: (1.m − 1) × 2⁻¹⁴, one exact subtraction of two
+    // normal f32 (an f32 subnormal operand would make the CPU take its slow path for the
+    // whole vector).
+    let one_m = f32::from_bits(((h & 0x3ff) << 13) | ((127 - 14) << 23));
+    let subnormal = one_m - f32::from_bits((127 - 14) << 23);
+    let magnitude = if h & 0x7c00 == 0 {
+        subnormal.to_bits()
+    } else {
+        normal | special
+    };
+    f32::from_bits(magnitude | ((h & 0x8000) << 16))
 }
 
 /// `v` rounded once to `f16`, to nearest-even, for every `f64`. Normal results by
 /// integer rounding of the bits; zeros and subnormals by rounding `|v|` in units of the
-/// smallest subnormal (exact: a power-of-two scaling); infinities, NaN and overflow by
+/// smallest subnormal (exact: a power-of-two scaling); infinities and overflow by
 /// `half`'s conversion. (`half`'s `f16::from_f64` alone rounds some values just above a
 /// tie between two subnormals down, e.g. 2⁻²⁵ + 2⁻⁷⁷ to 0 instead of 2⁻²⁴.) Every NaN
 /// becomes the canonical quiet NaN ([`f16::NAN`]).
