@@ -64,14 +64,17 @@ def main() -> int:
             a0 = avg[0]
             p(f"## 1. Averaging throughput vs memcpy\n")
             p(f"N = {int(a0['n'])} checkpoints of {int(a0['params'])} parameters; GB/s of checkpoint bytes "
-              "(N × model bytes / time); ratio = memcpy time / averaging time; median of 3.\n")
-            p("| dtype | threads | memcpy GB/s | read-only GB/s | mean (Weights::build) GB/s | ratio | ASWA path GB/s | ratio | one look-ahead ms | one add ms | reference kernel GB/s | ratio | reference = mean |")
-            p("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+              "(N × model bytes / time); ratio = memcpy time / averaging time; median of 3; "
+              f"vector level {a0.get('simd', 'not recorded')}; to f32: converting one checkpoint to f32 "
+              "(binding it to an f32 model).\n")
+            p("| dtype | threads | memcpy GB/s | read-only GB/s | mean (Weights::build) GB/s | ratio | ASWA path GB/s | ratio | one look-ahead ms | one add ms | reference kernel GB/s | ratio | reference = mean | to f32 ms |")
+            p("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
             for a in avg:
                 p(f"| {a['dtype']} | {int(a['threads'])} | {a['memcpy_gbs']:.2f} | {a['read_gbs']:.2f} | "
                   f"{a['mean_gbs']:.2f} | **{a['mean_ratio']:.2f}** | {a['aswa_gbs']:.2f} | {a['aswa_ratio']:.2f} | "
                   f"{a['lookahead_ms']:.1f} | {a['add_ms']:.1f} | {a.get('reference_gbs', 0):.2f} | "
-                  f"{a.get('reference_ratio', 0):.2f} | {'bit for bit' if a.get('reference_same_bits') else 'NO'} |")
+                  f"{a.get('reference_ratio', 0):.2f} | {'bit for bit' if a.get('reference_same_bits') else 'NO'} | "
+                  f"{a.get('to_f32_ms', float('nan')):.1f} |")
             p("")
             for a in avg:
                 goals.append((f"averaging {a['dtype']}, {int(a['threads'])} thread(s): mean/memcpy ≥ 0.7",

@@ -74,6 +74,7 @@ if ! skip averaging; then
   say "1. averaging throughput (cargo bench --bench averaging)"
   if [ "$QUICK" = 1 ]; then AN=4; AP=$((8 << 20)); else AN=8; AP=$((64 << 20)); fi
   ASWA_BENCH_N="$AN" ASWA_BENCH_PARAMS="$AP" ASWA_BENCH_REPS=3 ASWA_BENCH_DIR="$PWD/$TMP" \
+    ASWA_BENCH_DTYPES=f32,bf16,f16 \
     ASWA_BENCH_JSON="$PWD/$RES/averaging.jsonl" \
     cargo bench --quiet --bench averaging 2>"$LOGS/averaging.err" | tee "$RES/averaging.txt" >&2
 fi
