@@ -134,100 +134,80 @@ pub fn f32_from_f16_bits(h: u16) -> f32 {
     f32::from_bits(magnitude | ((h & 0x8000) << 16))
 }
 
-/// `v` rounded once to `f16`, to nearest-even, for every `f64`. Normal results by
-/// integer rounding of the bits; zeros and subnormals by rounding `|v|` in units of the
-/// smallest subnormal (exact: a power-of-two scaling); infinities and overflow by
-/// `half`'s conversion. (`half`'s `f16::from_f64` alone rounds some values just above a
-/// tie between two subnormals down, e.g. 2⁻²⁵ + 2⁻⁷⁷ to 0 instead of 2⁻²⁴.) Every NaN
-/// becomes the canonical quiet NaN ([`f16::NAN`]).
-#[inline]
+/// `v` rounded once to `f16`, to nearest-even, for every `f64`: subnormals, overflow to
+/// infinity, and every NaN to the canonical quiet NaN ([`f16::NAN`]). (`half`'s
+/// `f16::from_f64` rounds some values just above a tie down, e.g. 2⁻²⁵ + 2⁻⁷⁷ to 0
+/// instead of 2⁻²⁴.)
+#[inline(always)]
 pub fn f16_from_f64(v: f64) -> f16 {
-    if v.is_nan() {
-        return f16::NAN;
-    }
-    if let Some(bits) = round_f64(v, 15, 10, 0x7c00) {
-        return f16::from_bits(bits);
-    }
-    if v.abs() < f64::from(f16::MIN_POSITIVE) {
-        // Below 2⁻¹⁴ the f16 grid is the multiples of 2⁻²⁴, and the bits of a subnormal are
-        // that multiple (1024 = 2⁻¹⁴ itself, the smallest normal, where rounding can end).
-        let units = (v.abs() * 2f64.powi(24)).round_ties_even() as u16;
-        return f16::from_bits(((v.to_bits() >> 48) as u16 & 0x8000) | units);
-    }
-    f16::from_f64(v)
+    f16::from_bits(round16::<10, 15>(v))
 }
 
-/// `v` rounded once to `bf16`, to nearest-even, for every `f64` (subnormals, overflow to
-/// infinity and NaN included). `half`'s `bf16::from_f64` rounds through `f32` and can be
-/// off by one unit at a tie created by the first rounding; here the `f32` step rounds to
-/// odd (truncate, then set the last bit when inexact), which keeps the final rounding
-/// exact because `f32` carries 16 more bits than `bf16`. Every NaN becomes the canonical
-/// quiet NaN ([`bf16::NAN`]).
-#[inline]
+/// `v` rounded once to `bf16`, to nearest-even, for every `f64`: subnormals, overflow to
+/// infinity, and every NaN to the canonical quiet NaN ([`bf16::NAN`]). (`half`'s
+/// `bf16::from_f64` rounds through `f32` and can be off by one unit at a tie created by
+/// the first rounding.)
+#[inline(always)]
 pub fn bf16_from_f64(v: f64) -> bf16 {
-    // Written without branches (comparisons become 0/1) so that loops over it vectorise.
-    let r = v as f32;
-    let back = f64::from(r);
-    let mut bits = r.to_bits();
-    bits = bits.wrapping_sub(u32::from(back.abs() > v.abs()));
-    bits |= u32::from(back != v);
-    let round = 0x7fff + ((bits >> 16) & 1);
-    let rounded = (bits.wrapping_add(round) >> 16) as u16;
-    bf16::from_bits(if v.is_nan() {
-        bf16::NAN.to_bits()
-    } else {
-        rounded
-    })
+    bf16::from_bits(round16::<7, 127>(v))
 }
 
-/// `values` rounded to nearest-even into `out`, each exactly as [`bf16_from_f64`] rounds
-/// it, faster on slices (groups of 16 rounded by integer arithmetic, without branches).
+/// `values` rounded into `out`, each as [`bf16_from_f64`] rounds it: see [`f16_slice_from_f64`].
 #[inline(always)]
 pub fn bf16_slice_from_f64(values: &[f64], out: &mut [bf16]) {
-    round_slice::<7, 127>(values, bytemuck::cast_slice_mut(out), |v| {
-        bf16_from_f64(v).to_bits()
-    })
+    round_slice::<7, 127>(values, bytemuck::cast_slice_mut(out))
 }
 
-/// `values` rounded to nearest-even into `out`, each exactly as [`f16_from_f64`] rounds
-/// it, faster on slices (groups of 16 rounded by integer arithmetic, without branches).
+/// `values` rounded into `out`, each as [`f16_from_f64`] rounds it, faster: 16 values at a
+/// time by the finite-range rounding alone, the group again with infinities and NaN when
+/// one of them needs it (rare in averaged weights).
 #[inline(always)]
 pub fn f16_slice_from_f64(values: &[f64], out: &mut [f16]) {
-    round_slice::<10, 15>(values, bytemuck::cast_slice_mut(out), |v| {
-        f16_from_f64(v).to_bits()
-    })
+    round_slice::<10, 15>(values, bytemuck::cast_slice_mut(out))
 }
 
-/// Values [`round_slice`] rounds together and checks with one test.
-const LANES: usize = 16;
-
-/// Rounds `values` into the bits of a 16-bit float with `MANT` mantissa bits and exponent
-/// bias `BIAS`, [`LANES`] at a time: every lane by [`round_finite`] (integer and one
-/// addition, which vectorise to the full register width), and the group again by `slow`
-/// when any of its values is out of the format's finite range, infinite or NaN, which in
-/// averaged weights is rare.
+/// The loop of [`f16_slice_from_f64`] and [`bf16_slice_from_f64`].
 #[inline(always)]
-fn round_slice<const MANT: u32, const BIAS: u64>(
-    values: &[f64],
-    out: &mut [u16],
-    slow: impl Fn(f64) -> u16,
-) {
-    for (o, v) in out.chunks_mut(LANES).zip(values.chunks(LANES)) {
-        let mut fits = true;
+fn round_slice<const MANT: u32, const BIAS: u64>(values: &[f64], out: &mut [u16]) {
+    for (o, v) in out.chunks_mut(16).zip(values.chunks(16)) {
+        let mut finite = true;
         for (o, &v) in o.iter_mut().zip(v) {
             let (bits, ok) = round_finite::<MANT, BIAS>(v);
             *o = bits;
-            fits &= ok;
+            finite &= ok;
         }
-        if !fits {
-            o.iter_mut().zip(v).for_each(|(o, &v)| *o = slow(v));
+        if !finite {
+            o.iter_mut()
+                .zip(v)
+                .for_each(|(o, &v)| *o = round16::<MANT, BIAS>(v));
         }
     }
 }
 
 /// `v` rounded to nearest-even into the bits of a 16-bit float with `MANT` mantissa bits
-/// and exponent bias `BIAS`, without branches, and whether that result is right: it is
-/// unless `v` rounds to infinity or is infinite or NaN.
+/// and exponent bias `BIAS`, for every `f64`, without branches (so that loops over it
+/// vectorise): [`round_finite`], and infinity or the canonical quiet NaN where that is
+/// not the result.
+#[inline(always)]
+fn round16<const MANT: u32, const BIAS: u64>(v: f64) -> u16 {
+    let (bits, finite) = round_finite::<MANT, BIAS>(v);
+    let inf = ((1u16 << (15 - MANT)) - 1) << MANT;
+    // (`bits` holds garbage where `finite` is false: the sign comes from `v`.)
+    let special = if v.is_nan() {
+        inf | (1 << (MANT - 1))
+    } else {
+        ((v.to_bits() >> 48) as u16 & 0x8000) | inf
+    };
+    if finite {
+        bits
+    } else {
+        special
+    }
+}
+
+/// `v` rounded to nearest-even into the bits of a 16-bit float with `MANT` mantissa bits
+/// and exponent bias `BIAS`, by integer arithmetic and one addition, and whether that
+/// result is right: it is unless `v` rounds to infinity or is infinite or NaN.
 #[inline(always)]
 fn round_finite<const MANT: u32, const BIAS: u64>(v: f64) -> (u16, bool) {
     let bits = v.to_bits();
@@ -251,36 +231,6 @@ fn round_finite<const MANT: u32, const BIAS: u64>(v: f64) -> (u16, bool) {
     };
     let finite = r < (1024 + BIAS) << MANT;
     ((((bits >> 48) & 0x8000) | magnitude) as u16, finite)
-}
-
-/// Rounds `v` to nearest-even into a 16-bit float with exponent `bias` and `mant`
-/// mantissa bits (`inf` is its infinity's bit pattern); `None` outside the normal range
-/// (zeros, subnormals, infinities, NaN), which the caller converts the slow way.
-#[inline]
-fn round_f64(v: f64, bias: i32, mant: u32, inf: u16) -> Option<u16> {
-    let bits = v.to_bits();
-    let exp = ((bits >> 52) & 0x7ff) as i32 - 1023;
-    if !(1 - bias..=bias).contains(&exp) {
-        return None;
-    }
-    let sign = ((bits >> 63) as u16) << 15;
-    let shift = 52 - mant;
-    let fraction = bits & ((1u64 << 52) - 1);
-    let mut m = (fraction >> shift) as u32;
-    let rest = fraction & ((1u64 << shift) - 1);
-    let half = 1u64 << (shift - 1);
-    let mut e = (exp + bias) as u32;
-    if rest > half || (rest == half && m & 1 == 1) {
-        m += 1;
-        if m == 1 << mant {
-            m = 0;
-            e += 1;
-        }
-    }
-    if e >= (2 * bias + 1) as u32 {
-        return Some(sign | inf);
-    }
-    Some(sign | (e << mant) as u16 | m as u16)
 }
 
 /// A little-endian f16 as an `f32` (exact).
@@ -789,7 +739,7 @@ mod tests {
                 assert_eq!(a.to_bits(), want, "bf16 {v:e}");
             }
         }
-        // Out of the normal range the slow path of `half` is used.
+        // Out of the finite range: infinities of the right sign, the canonical NaN.
         assert!(f16_from_f64(f64::NAN).is_nan() && bf16_from_f64(f64::NAN).is_nan());
         assert_eq!(f16_from_f64(1e6), f16::INFINITY);
         assert_eq!(bf16_from_f64(-1e300), bf16::NEG_INFINITY);
