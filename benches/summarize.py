@@ -141,6 +141,53 @@ def main() -> int:
         p("")
         p("Ratio of the fastest runs (best of each, less sensitive to other load): " + "; ".join(ratios_best) + ".\n")
 
+    # 2b. End to end on a CNN.
+    cnn = [r for r in recs if r.get("group") == "e2e-cnn"]
+    if cnn:
+        p("## 2b. End to end on a CNN with BatchNorm: weights as constants vs inputs\n")
+        by = {}
+        for r in cnn:
+            by.setdefault(r["variant"], []).append(r)
+        base = med([r["wall"] for r in by.get("rust-auto", [])])
+        pj = {}
+        for v in ("py-inputs", "py-sessions"):
+            pj[v] = []
+            for r in by.get(v, []):
+                try:
+                    with open(r["pyjson"]) as f:
+                        pj[v].append(json.load(f))
+                except (OSError, KeyError, json.JSONDecodeError):
+                    pass
+        first = (pj.get("py-inputs") or pj.get("py-sessions") or [{}])[0]
+        if first:
+            p(f"{first.get('checkpoints')} checkpoints ({first.get('evaluations')} candidates), "
+              f"{first.get('rows')} validation rows, batches of {first.get('batch_size')}, "
+              f"{args.threads} threads; median of {args.reps} interleaved runs.\n")
+        p("| pipeline | median wall s | runs (wall s) | its wall / aswa-merge (default) | in ORT Run / session.run s | outside them s | decisions |")
+        p("|---|---|---|---|---|---|---|")
+        names = (("rust-auto", "aswa-merge (default: --weights-as constants here)"),
+                 ("rust-inputs", "aswa-merge --weights-as inputs"),
+                 ("py-inputs", "Python, one session, weights as inputs"),
+                 ("py-sessions", "Python, a session per candidate"))
+        for v, name in names:
+            rs = by.get(v, [])
+            if not rs:
+                continue
+            w = med([r["wall"] for r in rs])
+            if v.startswith("rust"):
+                run = med([r.get("run_seconds") for r in rs])
+                dec = ""
+            else:
+                run = med([x["parts"].get("run", 0.0) for x in pj[v]])
+                checks = [x.get("check", {}) for x in pj[v]]
+                dec = "same" if checks and all(c.get("decisions_differ") == 0 for c in checks) else "DIFFER"
+            ratio = w / base if base else None
+            p(f"| {name} | {fmt(w)} | {', '.join(fmt(r['wall']) for r in rs)} | **{fmt(ratio)}** | {fmt(run)} | "
+              f"{fmt(None if run is None else w - run)} | {dec} |")
+            if v.startswith("py") and ratio is not None:
+                goals.append((f"end to end on a CNN vs {name}: aswa-merge ≥ 3× faster", ratio, ratio >= 3))
+        p("")
+
     # 3. Outside ORT.
     fr = [r for r in recs if r.get("group") == "e2e" and r.get("variant") == "rust" and "run_seconds" in r]
     if fr:

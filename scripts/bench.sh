@@ -14,7 +14,7 @@
 #   BENCH_REPS       repetitions of each timed command; figures are medians (default 3,
 #                    1 with --quick)
 #   BENCH_DIR        where data and results go (default target/bench, git-ignored)
-#   BENCH_SKIP       comma-separated sections to skip: averaging,e2e,extra,perf,scale,rss
+#   BENCH_SKIP       comma-separated sections to skip: averaging,e2e,cnn,extra,perf,scale,rss
 #
 # Results: $BENCH_DIR/results/{results.jsonl,averaging.jsonl,summary.md,logs/}.
 set -euo pipefail
@@ -90,7 +90,9 @@ if [ "$QUICK" = 1 ]; then
   "${MAKE[@]}" "$DIR/q-large" --hidden 2048,2048,1024 --n 6 --rows 1000 --subsets 3
   "${MAKE[@]}" "$DIR/q-many" --hidden 1024,1024,512 --n 20 --rows 128 --subsets 5
   "${MAKE[@]}" "$DIR/q-huge" --in 1024 --hidden 4096,4096,4096 --n 3 --rows 64
+  "${MAKE[@]}" "$DIR/q-cnn" --arch cnn --channels 16,32 --n 4 --rows 256
   E2E="$DIR/q-e2e"; SMALL="$DIR/q-small"; LARGE="$DIR/q-large"; MANYD="$DIR/q-many"; HUGE="$DIR/q-huge"
+  CNN="$DIR/q-cnn"
   SCALE_N_SET="$E2E"; SIZE_N=6; SIZE_VAL=val.npz
 else
   E2E_N=20; E2E_ROWS=5000; VAL_ROWS=1000,2500; N_AXIS="5 10"; MANY=100; FEW=10
@@ -99,11 +101,16 @@ else
   "${MAKE[@]}" "$DIR/large" --hidden 4096,4096,2048 --n 10 --rows 1000 --subsets 3
   "${MAKE[@]}" "$DIR/many" --n 100 --rows 512 --subsets 10
   "${MAKE[@]}" "$DIR/huge" --in 1024 --hidden 8192,8192,8192,8192,8192 --n 3 --rows 64
+  "${MAKE[@]}" "$DIR/cnn" --arch cnn --channels 32,64,128 --n 10 --rows 1000
   E2E="$DIR/e2e"; SMALL="$DIR/small"; LARGE="$DIR/large"; MANYD="$DIR/many"; HUGE="$DIR/huge"
+  CNN="$DIR/cnn"
   SIZE_N=10; SIZE_VAL=val_1000.npz
 fi
-params_of() { "$PYTHON" -c "import json,sys; a=json.load(open(sys.argv[1]+'/.stamp')); import numpy as np
-d=[a['d_in']]+[int(h) for h in a['hidden'].split(',')]+[a['classes']]; print(sum(i*o+o for i,o in zip(d,d[1:]))+sum(4*h for h in d[1:-1]))" "$1"; }
+params_of() { "$PYTHON" -c "import json,sys; a=json.load(open(sys.argv[1]+'/.stamp'))
+if a.get('arch') == 'cnn':
+    c=[3]+[int(h) for h in a['channels'].split(',')]; print(sum(9*i*o+4*o for i,o in zip(c,c[1:]))+c[-1]*a['classes']+a['classes'])
+else:
+    d=[a['d_in']]+[int(h) for h in a['hidden'].split(',')]+[a['classes']]; print(sum(i*o+o for i,o in zip(d,d[1:]))+sum(4*h for h in d[1:-1]))" "$1"; }
 ckdir() { if [ "$2" = all ]; then echo "$1/checkpoints"; else echo "$1/checkpoints_$2"; fi; }
 
 # The tool on a data set: rust_cmd SET CKPTS VAL OUT [extra flags...]
@@ -135,6 +142,32 @@ if ! skip e2e; then
     done
   done
   cp "$TMP/rust_report.json" "$RES/e2e_report.json"
+fi
+
+# 2b. The same on a CNN with BatchNorm, where ONNX Runtime optimises constant weights
+# (Conv+BatchNorm fusion, pre-packed convolution weights): the tool's default there is
+# --weights-as constants (a session per candidate); --weights-as inputs runs too.
+if ! skip cnn; then
+  CNN_N=$(find -L "$CNN/checkpoints" -name '*.safetensors' | wc -l)
+  say "2b. end to end on a CNN: aswa-merge (constants, inputs) vs Python ($CNN_N checkpoints, $REPS repetitions, interleaved)"
+  for r in $(seq "$REPS"); do
+    for form in auto inputs; do
+      # shellcheck disable=SC2046
+      ASWA_BENCH_REAL_ORT="$ORT_DYLIB_PATH" ORT_DYLIB_PATH="$SHIM" \
+        "${MEASURE[@]}" --ort-times --label "cnn rust $form" --tag group=e2e-cnn --tag variant="rust-$form" --tag rep="$r" \
+        --tag n="$CNN_N" --tag params="$(params_of "$CNN")" \
+        --log "$LOGS/cnn-rust-$form-$r.log" -- \
+        $(rust_cmd "$CNN" "$CNN/checkpoints" val.npz "$TMP/cnn-$form.safetensors" --weights-as "$form" --report "$TMP/cnn-$form.json")
+    done
+    for mode in inputs sessions; do
+      "${MEASURE[@]}" --label "cnn python-$mode" --tag group=e2e-cnn --tag variant="py-$mode" --tag rep="$r" \
+        --tag pyjson="\"$RES/cnn-py-$mode-$r.json\"" --log "$LOGS/cnn-py-$mode-$r.log" -- \
+        "${PIPE[@]}" "$CNN/checkpoints" --model "$CNN/model.onnx" --val "$CNN/val.npz" --mode "$mode" \
+        --threads "$THREADS" --batch-size 256 -o "$TMP/py.safetensors" -q \
+        --check "$TMP/cnn-auto.json" --same-weights "$TMP/cnn-auto.safetensors" --json "$RES/cnn-py-$mode-$r.json"
+    done
+  done
+  cp "$TMP/cnn-auto.json" "$RES/cnn_report.json"
 fi
 
 if ! skip extra && [ "$QUICK" = 0 ]; then

@@ -6,6 +6,7 @@ small writer below, in the safetensors format with a sorted header).
 
     python scripts/bench_make.py OUT_DIR [--in 784] [--hidden 2048,2048,1024] [--classes 10]
         [--n 20] [--rows 5000] [--val-rows 1000,2500] [--subsets 5,10] [--seed 0]
+        [--arch mlp|cnn] [--channels 16,32,64] [--image 32]
 
 writes under OUT_DIR:
 
@@ -14,6 +15,12 @@ writes under OUT_DIR:
   transB=1, BatchNorm in eval mode), opset 17, dynamic batch dimension. Every
   initializer is stored as external data (as torch's dynamo exporter does), holding the
   base weights;
+  With `--arch cnn`: a CNN `x [batch, 3, IMAGE, IMAGE] -> [Conv 3x3 (no bias) ->
+  BatchNormalization -> Relu]* -> GlobalAveragePool -> Flatten -> Gemm -> logits`, one
+  block per --channels entry, the first with stride 1 and the others with stride 2
+  (`conv1.weight`, `bn1.*`, ..., `fc.weight`, `fc.bias`), the layout of a torch export
+  that keeps BatchNorm (dynamo=True, optimize=False); labels then come from ONNX Runtime
+  running the base model (needs the onnxruntime package);
 * checkpoints/epoch_001.safetensors ... epoch_NNN.safetensors: torch-like state dicts
   (`fc1.weight`, `fc1.bias`, `bn1.weight`, `bn1.bias`, `bn1.running_mean`,
   `bn1.running_var`, `bn1.num_batches_tracked` (int64, not in the graph), ...), F32;
@@ -80,11 +87,29 @@ def layer_shapes(d_in: int, hidden: "list[int]", classes: int):
     return out
 
 
+def cnn_shapes(channels: "list[int]", classes: int):
+    """(name, shape, kind) of every state-dict entry of the --arch cnn model."""
+    out = []
+    prev = 3
+    for i, c in enumerate(channels, start=1):
+        out += [(f"conv{i}.weight", (c, prev, 3, 3), "w"),
+                (f"bn{i}.weight", (c,), "g"), (f"bn{i}.bias", (c,), "b"),
+                (f"bn{i}.running_mean", (c,), "m"), (f"bn{i}.running_var", (c,), "v"),
+                (f"bn{i}.num_batches_tracked", (), "int")]
+        prev = c
+    out += [("fc.weight", (classes, prev), "w"), ("fc.bias", (classes,), "b")]
+    return out
+
+
+def fan_in(shape) -> int:
+    return int(np.prod(shape[1:]))
+
+
 def base_weights(rng: np.random.Generator, shapes):
     w = {}
     for name, shape, kind in shapes:
         if kind == "w":
-            w[name] = (rng.standard_normal(shape, dtype=np.float32) * np.float32(np.sqrt(2.0 / shape[1])))
+            w[name] = (rng.standard_normal(shape, dtype=np.float32) * np.float32(np.sqrt(2.0 / fan_in(shape))))
         elif kind == "b":
             w[name] = rng.standard_normal(shape, dtype=np.float32) * np.float32(0.05)
         elif kind == "g":
@@ -107,9 +132,9 @@ def forward(w, x, hidden):
     return h @ w[f"fc{k}.weight"].T + w[f"fc{k}.bias"]
 
 
-def write_model(out_dir: str, shapes, base, d_in: int, classes: int) -> None:
-    import onnx
-    from onnx import TensorProto, helper
+def write_initializers(out_dir: str, shapes, base):
+    """Writes model.onnx.data; returns the initializers referring to it."""
+    from onnx import TensorProto
 
     data_name = "model.onnx.data"
     inits = []
@@ -133,6 +158,59 @@ def write_model(out_dir: str, shapes, base, d_in: int, classes: int) -> None:
                 e.key, e.value = k, v
             inits.append(t)
             offset += a.nbytes
+    return inits
+
+
+def save_model(out_dir: str, nodes, name: str, x_shape, classes: int, inits) -> None:
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        nodes, name,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", *x_shape])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes])],
+        initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
+                              producer_name="aswa-merge bench_make.py")
+    model.ir_version = 8
+    onnx.save(model, os.path.join(out_dir, "model.onnx"))
+
+
+def write_cnn(out_dir: str, shapes, base, channels: "list[int]", image: int, classes: int) -> None:
+    from onnx import helper
+
+    inits = write_initializers(out_dir, shapes, base)
+    nodes = []
+    prev = "x"
+    for i in range(1, len(channels) + 1):
+        stride = 1 if i == 1 else 2
+        nodes.append(helper.make_node("Conv", [prev, f"conv{i}.weight"], [f"conv{i}"], name=f"conv{i}",
+                                      kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[stride, stride]))
+        nodes.append(helper.make_node(
+            "BatchNormalization",
+            [f"conv{i}", f"bn{i}.weight", f"bn{i}.bias", f"bn{i}.running_mean", f"bn{i}.running_var"],
+            [f"bn{i}"], name=f"bn{i}", epsilon=1e-5))
+        nodes.append(helper.make_node("Relu", [f"bn{i}"], [f"relu{i}"], name=f"relu{i}"))
+        prev = f"relu{i}"
+    nodes.append(helper.make_node("GlobalAveragePool", [prev], ["pool"], name="pool"))
+    nodes.append(helper.make_node("Flatten", ["pool"], ["flat"], name="flatten"))
+    nodes.append(helper.make_node("Gemm", ["flat", "fc.weight", "fc.bias"], ["logits"], name="fc", transB=1))
+    save_model(out_dir, nodes, "bench_cnn", [3, image, image], classes, inits)
+
+
+def cnn_labels(out_dir: str, x: np.ndarray) -> np.ndarray:
+    """The base model's argmax, computed by ONNX Runtime."""
+    import onnxruntime as ort
+
+    s = ort.InferenceSession(os.path.join(out_dir, "model.onnx"), providers=["CPUExecutionProvider"])
+    return np.concatenate([np.argmax(s.run(None, {"x": x[i:i + 256]})[0], axis=1)
+                           for i in range(0, len(x), 256)]).astype(np.int64)
+
+
+def write_model(out_dir: str, shapes, base, d_in: int, classes: int) -> None:
+    from onnx import helper
+
+    inits = write_initializers(out_dir, shapes, base)
     nodes = []
     prev = "x"
     n_hidden = sum(1 for n, _, k in shapes if k == "w") - 1
@@ -148,15 +226,7 @@ def write_model(out_dir: str, shapes, base, d_in: int, classes: int) -> None:
     k = n_hidden + 1
     nodes.append(helper.make_node("Gemm", [prev, f"fc{k}.weight", f"fc{k}.bias"], ["logits"],
                                   name=f"fc{k}", transB=1))
-    graph = helper.make_graph(
-        nodes, "bench_mlp",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", d_in])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes])],
-        initializer=inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
-                              producer_name="aswa-merge bench_make.py")
-    model.ir_version = 8
-    onnx.save(model, os.path.join(out_dir, "model.onnx"))
+    save_model(out_dir, nodes, "bench_mlp", [d_in], classes, inits)
 
 
 def main() -> int:
@@ -174,6 +244,9 @@ def main() -> int:
     ap.add_argument("--iid", type=float, default=0.5, help="weight of the fresh noise e_t")
     ap.add_argument("--offset", type=float, default=1.0, help="relative size of the early offset D")
     ap.add_argument("--decay", type=float, default=4.0, help="the offset decays over N/DECAY epochs")
+    ap.add_argument("--arch", choices=["mlp", "cnn"], default="mlp")
+    ap.add_argument("--channels", default="16,32,64", help="--arch cnn: output channels per block")
+    ap.add_argument("--image", type=int, default=32, help="--arch cnn: image height and width")
     args = ap.parse_args()
 
     hidden = [int(h) for h in args.hidden.split(",") if h]
@@ -181,7 +254,9 @@ def main() -> int:
     subsets = [int(k) for k in args.subsets.split(",") if k]
     os.makedirs(args.out, exist_ok=True)
     stamp_path = os.path.join(args.out, ".stamp")
-    stamp = json.dumps({"v": 1, **{k: v for k, v in vars(args).items() if k != "out"}}, sort_keys=True)
+    stamp = json.dumps({"v": 1, **{k: v for k, v in vars(args).items()
+                                   if k != "out" and (args.arch == "cnn" or k not in ("arch", "channels", "image"))}},
+                       sort_keys=True)
     if os.path.exists(stamp_path) and open(stamp_path).read() == stamp:
         print(f"{args.out}: up to date", file=sys.stderr)
         return 0
@@ -189,19 +264,27 @@ def main() -> int:
         os.remove(stamp_path)
 
     rng = np.random.default_rng(args.seed)
-    shapes = layer_shapes(args.d_in, hidden, args.classes)
+    channels = [int(c) for c in args.channels.split(",") if c]
+    if args.arch == "cnn":
+        shapes = cnn_shapes(channels, args.classes)
+    else:
+        shapes = layer_shapes(args.d_in, hidden, args.classes)
     base = base_weights(rng, shapes)
     params = sum(int(np.prod(s)) for _, s, k in shapes if k != "int")
     print(f"{args.out}: {params} float parameters ({params * 4 / 1e6:.1f} MB per checkpoint), "
           f"{args.n} checkpoints, {args.rows} validation rows", file=sys.stderr)
 
-    write_model(args.out, shapes, base, args.d_in, args.classes)
-
     # Validation data: labels from the base model, 15% replaced at random.
-    x = rng.standard_normal((args.rows, args.d_in), dtype=np.float32)
-    y = np.empty(args.rows, dtype=np.int64)
-    for s in range(0, args.rows, 1024):
-        y[s:s + 1024] = np.argmax(forward(base, x[s:s + 1024], hidden), axis=1)
+    if args.arch == "cnn":
+        write_cnn(args.out, shapes, base, channels, args.image, args.classes)
+        x = rng.standard_normal((args.rows, 3, args.image, args.image), dtype=np.float32)
+        y = cnn_labels(args.out, x)
+    else:
+        write_model(args.out, shapes, base, args.d_in, args.classes)
+        x = rng.standard_normal((args.rows, args.d_in), dtype=np.float32)
+        y = np.empty(args.rows, dtype=np.int64)
+        for s in range(0, args.rows, 1024):
+            y[s:s + 1024] = np.argmax(forward(base, x[s:s + 1024], hidden), axis=1)
     flip = rng.random(args.rows) < 0.15
     y[flip] = rng.integers(0, args.classes, int(flip.sum()))
     np.savez(os.path.join(args.out, "val.npz"), x=x, y=y)
@@ -219,7 +302,7 @@ def main() -> int:
     scale = {}
     for name, shape, kind in shapes:
         if kind == "w":
-            scale[name] = np.float32(np.sqrt(2.0 / shape[1]))
+            scale[name] = np.float32(np.sqrt(2.0 / fan_in(shape)))
         elif kind != "int":
             scale[name] = np.float32(0.05)
     width = max(3, len(str(args.n)))

@@ -28,6 +28,7 @@ use crate::scoring::onnx::{self, Binding, OnnxModel};
 use crate::scoring::transposed;
 use crate::scoring::{
     runtime, CandidateKey, IoBindingMode, Metric, OnnxScorer, ScoreCache, Scorer, SessionOptions,
+    WeightsAs,
 };
 use crate::storage::writer::{shard_paths, write_safetensors, write_sharded, TensorOut};
 use crate::storage::CheckpointSet;
@@ -118,6 +119,8 @@ pub struct MergeConfig {
     pub device: crate::scoring::Device,
     /// How candidates' weights reach the model (bound once or passed with each batch).
     pub io_binding: crate::scoring::IoBindingMode,
+    /// Whether weights are graph inputs (one session) or each candidate's constants.
+    pub weights_as: crate::scoring::WeightsMode,
     /// Leave out unreadable or inconsistent checkpoints instead of failing.
     pub skip_invalid: bool,
     /// Recompute BatchNorm statistics of every candidate on this calibration set.
@@ -248,6 +251,7 @@ struct Scoring {
     batch_size: usize,
     provider: &'static str,
     io_binding: bool,
+    weights_as: WeightsAs,
     recalibration: Option<Recalibration>,
 }
 
@@ -321,6 +325,7 @@ impl Execution<'_> {
                 output: cfg.output_name.clone(),
                 device: cfg.device,
                 io_binding: cfg.io_binding,
+                weights: cfg.weights_as,
             },
         )?;
         if let Some(why) = scorer.device_note() {
@@ -330,6 +335,7 @@ impl Execution<'_> {
         let batch_size = scorer.batch_size();
         let provider = scorer.provider();
         let io_binding = scorer.binds_weights();
+        let weights_as = scorer.weights_as();
         let output_name = scorer.output_name().to_string();
         let recalibrator = self.recalibrator(rt)?;
         let recalibration = recalibrator.as_ref().map(|r| Recalibration {
@@ -354,12 +360,16 @@ impl Execution<'_> {
             (None, None) => Box::new(scorer),
         };
         self.say(&format!(
-            "scoring with {} on {} ({} rows, batches of {batch_size}, output `{}`, {}), {} is better",
+            "scoring with {} on {} ({} rows, batches of {batch_size}, output `{}`, {}{}), {} is better",
             p.metric.name(),
             cfg.val.display(),
             p.val.rows,
             output_name,
             provider,
+            match weights_as {
+                WeightsAs::Inputs => "",
+                WeightsAs::Constants => ", weights as constants: a session per candidate",
+            },
             if p.direction.higher_is_better {
                 "higher"
             } else {
@@ -372,6 +382,7 @@ impl Execution<'_> {
             batch_size,
             provider,
             io_binding,
+            weights_as,
             recalibration,
         })
     }
@@ -394,6 +405,9 @@ impl Execution<'_> {
                 output: None,
                 device: cfg.device,
                 io_binding: cfg.io_binding,
+                // Calibration graphs compute batch statistics: nothing there is
+                // optimised by constant weights.
+                weights: crate::scoring::WeightsMode::Inputs,
             },
         )?;
         match &r {
@@ -436,6 +450,11 @@ impl Execution<'_> {
             onnxruntime: rt.library.display().to_string(),
             execution_provider: scoring.provider.to_string(),
             io_binding: scoring.io_binding,
+            weights_as: match scoring.weights_as {
+                WeightsAs::Inputs => "inputs",
+                WeightsAs::Constants => "constants",
+            }
+            .into(),
             rename: p.binding.rename.clone(),
             folded_batchnorm: p
                 .folding
@@ -864,16 +883,28 @@ pub fn plan(cfg: &MergeConfig) -> Result<Plan> {
     // binds them when CUDA is used, which `--device auto` may choose: counted then too).
     // Folding BatchNorm into the layers scores a folded copy of each candidate.
     let folded_copy = if p.folding.is_some() { float_bytes } else { 0 };
+    let bound_bytes: u64 = p
+        .binding
+        .bound
+        .iter()
+        .map(|b| (b.shape.iter().product::<usize>() * b.elem.dtype().size()) as u64)
+        .sum();
     let bound_copy: u64 = match (cfg.io_binding, cfg.device) {
         (IoBindingMode::On, _)
         | (IoBindingMode::Auto, crate::scoring::Device::Cuda(_) | crate::scoring::Device::Auto) => {
-            p.binding
-                .bound
-                .iter()
-                .map(|b| (b.shape.iter().product::<usize>() * b.elem.dtype().size()) as u64)
-                .sum()
+            bound_bytes
         }
         _ => 0,
+    };
+    // Weights as constants: the candidate's copy and its session's own (`auto` uses
+    // them on the CPU, which `--device auto` may choose).
+    let on_cpu = !matches!(cfg.device, crate::scoring::Device::Cuda(_));
+    let bound_copy = match cfg
+        .weights_as
+        .resolve(&p.model, &p.binding, on_cpu, cfg.io_binding)?
+    {
+        WeightsAs::Constants => bound_copy.max(2 * bound_bytes),
+        WeightsAs::Inputs => bound_copy,
     };
     // Checkpoint pages: the one being read (streaming averages read a bounded window of
     // several at once, less than one model for all but small models).

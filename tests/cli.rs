@@ -204,26 +204,23 @@ fn knowledge_graph_ranking_with_filter_matches_the_reference() {
 /// The legacy exporter (`dynamo=False`, constant folding) stores `ent.weight.t()` of
 /// DistMult's scoring `@ E.t()` as a new initializer `onnx::MatMul_9`: the tool feeds it
 /// each candidate's `ent.weight` transposed, so the run is the reference run of the
-/// export that keeps the names, with or without weights bound once.
+/// export that keeps the names, with or without weights bound once, and with the weights
+/// as constants.
 #[test]
 fn a_constant_folded_transpose_is_fed_each_candidates_tensor_transposed() {
     let val = fixture("kge/val.npz").display().to_string();
     let filter = fixture("kge/filter.npz").display().to_string();
     let model = fixture("kge/legacy/model.onnx").display().to_string();
-    for binding in ["off", "on"] {
+    for (option, binding) in [
+        ("--io-binding", "off"),
+        ("--io-binding", "on"),
+        ("--weights-as", "constants"),
+    ] {
         let run = Run::new();
         let report = run.ok(
             "kge/checkpoints",
             &[
-                "--model",
-                &model,
-                "--val",
-                &val,
-                "--metric",
-                "mrr",
-                "--filter",
-                &filter,
-                "--io-binding",
+                "--model", &model, "--val", &val, "--metric", "mrr", "--filter", &filter, option,
                 binding,
             ],
         );
@@ -715,7 +712,14 @@ fn weights_bound_once_per_candidate_give_the_same_results_as_weights_passed_per_
         let off = Run::new();
         let with = |mode: &'static str| {
             let mut a = args.clone();
-            a.extend(["--io-binding", mode, "--device", "cpu"]);
+            a.extend([
+                "--io-binding",
+                mode,
+                "--device",
+                "cpu",
+                "--weights-as",
+                "inputs",
+            ]);
             a
         };
         let r_on = on.ok(ckpts, &with("on"));
@@ -737,6 +741,112 @@ fn weights_bound_once_per_candidate_give_the_same_results_as_weights_passed_per_
     let run = Run::new();
     let report = run.ok("digits/checkpoints", &strs(&digits));
     assert_eq!(report["io_binding"], false);
+}
+
+/// Relative score difference allowed between weights as inputs and as constants: the
+/// same float32 model, but ONNX Runtime fuses and re-lays-out constant weights, which
+/// changes the order of float32 operations (seen: up to 5e-8).
+const FORM_TOL: f64 = 1e-6;
+
+/// `--weights-as constants` (a session per candidate, its weights the model's
+/// constants) scores every candidate as `--weights-as inputs` does, so ASWA takes the
+/// same decisions and writes the same bytes: on a CNN whose BatchNorms ONNX Runtime fuses
+/// into the convolutions only when the weights are constants, on a model whose BatchNorms
+/// the exporter folded (each candidate folded by the tool), on an MLP, on a model with
+/// a fixed batch dimension, and on a knowledge-graph model scored with filtered MRR.
+/// `auto` uses constants where a convolution reads checkpoint weights.
+#[test]
+fn weights_as_constants_score_like_weights_as_inputs() {
+    let bn_val = fixture("bn/val.npz").display().to_string();
+    let folded = fixture("bn_folded/folded.onnx").display().to_string();
+    let folded_val = fixture("bn_folded/val.npz").display().to_string();
+    let model_fixed = fixture("digits/fixed_batch/model.onnx")
+        .display()
+        .to_string();
+    let digits_val = fixture("digits/val.npz").display().to_string();
+    let kge_val = fixture("kge/val.npz").display().to_string();
+    let kge_filter = fixture("kge/filter.npz").display().to_string();
+    let digits = digits_args();
+    // (checkpoints, arguments, what auto chooses)
+    let cases: Vec<(&str, Vec<&str>, &str)> = vec![
+        (
+            "bn/checkpoints",
+            vec!["--val", &bn_val, "--metric", "cross-entropy"],
+            "constants",
+        ),
+        (
+            "bn_folded/checkpoints",
+            vec![
+                "--model",
+                &folded,
+                "--val",
+                &folded_val,
+                "--metric",
+                "cross-entropy",
+            ],
+            "constants",
+        ),
+        ("digits/checkpoints", strs(&digits), "inputs"),
+        (
+            "digits/checkpoints",
+            vec!["--model", &model_fixed, "--val", &digits_val],
+            "inputs",
+        ),
+        (
+            "kge/checkpoints",
+            vec![
+                "--val",
+                &kge_val,
+                "--metric",
+                "mrr",
+                "--filter",
+                &kge_filter,
+            ],
+            "inputs",
+        ),
+    ];
+    for (ckpts, args, auto) in cases {
+        let runs: Vec<(Run, serde_json::Value)> = ["inputs", "constants", "auto"]
+            .into_iter()
+            .map(|form| {
+                let run = Run::new();
+                let mut a = args.clone();
+                a.extend(["--weights-as", form, "--device", "cpu"]);
+                let report = run.ok(ckpts, &a);
+                (run, report)
+            })
+            .collect();
+        let [(inputs, r_in), (constants, r_const), (_, r_auto)] = &runs[..] else {
+            unreachable!()
+        };
+        assert_eq!(r_in["weights_as"], "inputs", "{ckpts}");
+        assert_eq!(r_const["weights_as"], "constants", "{ckpts}");
+        assert_eq!(r_auto["weights_as"], auto, "{ckpts} {args:?}: auto");
+        let steps_in = r_in["steps"].as_array().unwrap();
+        let steps_const = r_const["steps"].as_array().unwrap();
+        assert_eq!(steps_in.len(), steps_const.len(), "{ckpts}");
+        let mut scores = 0;
+        for (a, b) in steps_in.iter().zip(steps_const) {
+            assert_eq!(a["decision"], b["decision"], "{ckpts} {args:?}");
+            for key in ["running_score", "lookahead_score", "ensemble_score"] {
+                if let (Some(x), Some(y)) = (a[key].as_f64(), b[key].as_f64()) {
+                    let rel = (x - y).abs() / x.abs().max(1e-12);
+                    assert!(rel <= FORM_TOL, "{ckpts} {args:?} {key}: {x} vs {y}");
+                    scores += 1;
+                }
+            }
+        }
+        assert!(scores >= steps_in.len(), "{ckpts}: no scores compared");
+        assert_eq!(r_in["members"], r_const["members"], "{ckpts} {args:?}");
+        // The same members give the same tensors, bit for bit (the metadata records
+        // the form and the scores, which may differ).
+        let (a, _) = read_st(&inputs.out());
+        let (b, _) = read_st(&constants.out());
+        assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+        for (name, t) in &a {
+            assert_eq!(t.data, b[name].data, "{ckpts} {args:?}: {name} differs");
+        }
+    }
 }
 
 /// Checkpoints saved through a wrapper carry a module path before every name

@@ -330,6 +330,19 @@ fn cuda_requested_without_a_usable_provider_is_an_error_not_a_cpu_run() {
 }
 
 #[test]
+fn weights_as_constants_cannot_also_be_bound_as_inputs() {
+    let case = Case::digits(&[1, 2]);
+    case.fails(
+        &["--weights-as", "constants", "--io-binding", "on"],
+        &["--io-binding on", "--weights-as constants", "choose one"],
+    );
+    case.fails(
+        &["--weights-as", "initializers"],
+        &["expected auto, inputs or constants"],
+    );
+}
+
+#[test]
 fn strategy_parameters_are_checked_before_scoring() {
     let case = Case::digits(&[1, 2, 3]);
     case.fails(

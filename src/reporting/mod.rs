@@ -58,6 +58,9 @@ pub struct Report {
     /// Whether each candidate's weights were bound once (`--io-binding`) rather than
     /// passed with every batch.
     pub io_binding: bool,
+    /// How candidates' weights reached the model (`--weights-as`): "inputs" (one session,
+    /// weights fed with every batch) or "constants" (a session per candidate).
+    pub weights_as: String,
     /// How checkpoint tensor names were mapped to the model's initializer names, when
     /// they differ by a leading module path (`module.`, `_orig_mod.`).
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -104,7 +104,16 @@ impl Recalibrator {
             return Ok(None);
         }
         let bytes = calibration_graph(model, binding)?.encode_to_vec();
-        let mut feeder = Feeder::new(runtime, model, &bytes, binding.clone(), options)?;
+        let placement = super::device::place(runtime, options.device)?;
+        let mut feeder = Feeder::new(
+            runtime,
+            model,
+            bytes,
+            onnx::WeightsAs::Inputs,
+            binding.clone(),
+            placement,
+            options,
+        )?;
         if feeder
             .fixed_batch()
             .is_some_and(|n| !data.rows.is_multiple_of(n))
@@ -211,7 +220,7 @@ fn stat_name(i: usize, what: &str) -> String {
 /// BatchNormalization computed from batch statistics, whose mean, biased variance and
 /// input shape are the graph's outputs.
 pub(crate) fn calibration_graph(model: &OnnxModel, binding: &Binding) -> Result<proto::ModelProto> {
-    let mut m = onnx::rewritten(model, binding)?;
+    let mut m = onnx::rewritten(model, binding, onnx::WeightsAs::Inputs)?;
     let opset = m
         .opset_import
         .iter()

@@ -7,6 +7,7 @@
 
 pub mod batchnorm;
 pub mod data;
+pub mod device;
 pub mod folding;
 pub mod metrics;
 pub mod onnx;
@@ -21,7 +22,8 @@ use crate::error::Result;
 use crate::storage::CheckpointSet;
 
 pub use metrics::Metric;
-pub use session::{Device, IoBindingMode, OnnxScorer, SessionOptions};
+pub use onnx::WeightsAs;
+pub use session::{Device, IoBindingMode, OnnxScorer, SessionOptions, WeightsMode};
 
 /// Something that gives a candidate model a validation score.
 pub trait Scorer {

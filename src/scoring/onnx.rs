@@ -1,12 +1,13 @@
-//! Reading the ONNX model and rewriting it so that checkpoint weights are inputs.
+//! Reading the ONNX model and rewriting it so that each candidate's weights can be fed to it.
 //!
 //! The model is parsed with types generated at build time from the ONNX schema
 //! (`proto/onnx.proto`, compiled by `prost`), never decoded by hand. [`plan_binding`]
 //! checks, both ways, that the checkpoint tensors and the model's initializers
 //! correspond, because exporters silently rename, fold or fuse weights. [`rewrite`]
 //! then turns every bound initializer into a graph input, so that one ONNX Runtime
-//! session can score every candidate by feeding its tensors; the initializers that
-//! stay constants get any external data inlined so the model loads from memory.
+//! session can score every candidate by feeding its tensors, or into a data-less
+//! placeholder that each candidate's session fills ([`WeightsAs`]); the initializers
+//! that are not bound get any external data inlined so the model loads from memory.
 
 use std::collections::{HashMap, HashSet};
 use std::io::{Read, Seek, SeekFrom};
@@ -293,6 +294,17 @@ impl OnnxModel {
     /// The graph outputs.
     pub fn outputs(&self) -> Vec<ValueInfo> {
         self.graph().output.iter().map(value_info).collect()
+    }
+
+    /// Whether a convolution (`Conv`, `ConvTranspose`) of the main graph reads a bound
+    /// initializer as its weight: where ONNX Runtime's optimisations of constant weights
+    /// pay most ([`WeightsAs::Constants`]).
+    pub fn convolves(&self, binding: &Binding) -> bool {
+        let bound: HashSet<&str> = binding.bound.iter().map(|b| b.name.as_str()).collect();
+        self.graph().node.iter().any(|n| {
+            matches!(n.op_type(), "Conv" | "ConvTranspose")
+                && n.input.get(1).is_some_and(|w| bound.contains(w.as_str()))
+        })
     }
 
     /// Operator types used by the main graph (for diagnostics).
@@ -703,22 +715,60 @@ fn mismatch_message(
     msg
 }
 
-/// Returns the model with every bound initializer turned into a graph input, and any
-/// external data of the remaining initializers read in, encoded as protobuf bytes.
-pub fn rewrite(model: &OnnxModel, binding: &Binding) -> Result<Vec<u8>> {
-    Ok(rewritten(model, binding)?.encode_to_vec())
+/// How a rewritten model receives a candidate's weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightsAs {
+    /// Every bound initializer becomes a graph input: one session scores every
+    /// candidate, its weights fed with each run.
+    Inputs,
+    /// Every bound initializer stays an initializer whose data is left out (an external
+    /// data reference to nothing): a session is built per candidate with its weights
+    /// supplied as external initializers, so ONNX Runtime sees constants and applies
+    /// what it only does to constants (Conv+BatchNorm fusion, pre-packed and re-laid-out
+    /// convolution weights). Bound initializers no node reads are dropped.
+    Constants,
 }
 
-/// The model with every bound initializer turned into a graph input and external data
-/// read in (see [`rewrite`]).
-pub(crate) fn rewritten(model: &OnnxModel, binding: &Binding) -> Result<proto::ModelProto> {
+/// The reference a [`WeightsAs::Constants`] placeholder carries instead of its data.
+/// ONNX Runtime replaces it with the supplied value before it reads any data.
+const PLACEHOLDER_LOCATION: &str = "aswa-merge-candidate-weights";
+
+/// Returns the model rewritten for `binding` (see [`WeightsAs`]), with any external
+/// data of the initializers that are not bound read in, encoded as protobuf bytes.
+pub fn rewrite(model: &OnnxModel, binding: &Binding, to: WeightsAs) -> Result<Vec<u8>> {
+    Ok(rewritten(model, binding, to)?.encode_to_vec())
+}
+
+/// The model rewritten for `binding` (see [`rewrite`]).
+pub(crate) fn rewritten(
+    model: &OnnxModel,
+    binding: &Binding,
+    to: WeightsAs,
+) -> Result<proto::ModelProto> {
     let mut m = model.model.clone();
     let graph = m.graph.as_mut().expect("checked in load");
     let bound: HashMap<&str, &Bound> = binding.bound.iter().map(|b| (b.name.as_str(), b)).collect();
-    graph.initializer.retain(|t| !bound.contains_key(t.name()));
     let base = model.path.parent().unwrap_or(Path::new("."));
+    match to {
+        WeightsAs::Inputs => graph.initializer.retain(|t| !bound.contains_key(t.name())),
+        WeightsAs::Constants => {
+            let read = names_read(graph);
+            graph
+                .initializer
+                .retain(|t| !bound.contains_key(t.name()) || read.contains(t.name()));
+            // An initializer also declared as a graph input could be overridden at run
+            // time, so ONNX Runtime would not treat it as a constant.
+            graph.input.retain(|i| !bound.contains_key(i.name()));
+        }
+    }
     for t in &mut graph.initializer {
-        inline_external(t, base, &model.path)?;
+        match bound.get(t.name()) {
+            Some(b) => placeholder(t, b),
+            None => inline_external(t, base, &model.path)?,
+        }
+    }
+    if to == WeightsAs::Constants {
+        return Ok(m);
     }
     let existing: HashSet<String> = graph.input.iter().map(|v| v.name().to_string()).collect();
     for b in &binding.bound {
@@ -747,6 +797,46 @@ pub(crate) fn rewritten(model: &OnnxModel, binding: &Binding) -> Result<proto::M
         });
     }
     Ok(m)
+}
+
+/// Makes `t` a data-less initializer of `b`'s type and shape (see [`WeightsAs::Constants`]).
+fn placeholder(t: &mut proto::TensorProto, b: &Bound) {
+    let bytes = b.shape.iter().product::<usize>() * b.elem.dtype().size();
+    let entry = |k: &str, v: String| proto::StringStringEntryProto {
+        key: Some(k.to_string()),
+        value: Some(v),
+    };
+    *t = proto::TensorProto {
+        name: t.name.take(),
+        dims: b.shape.iter().map(|&d| d as i64).collect(),
+        data_type: Some(elem_code(b.elem)),
+        data_location: Some(DataLocation::External as i32),
+        external_data: vec![
+            entry("location", PLACEHOLDER_LOCATION.to_string()),
+            entry("offset", "0".to_string()),
+            entry("length", bytes.to_string()),
+        ],
+        ..Default::default()
+    };
+}
+
+/// Every value name a node of `graph` (or of a subgraph in its attributes) reads, and
+/// the graph's outputs.
+fn names_read(graph: &proto::GraphProto) -> HashSet<String> {
+    fn walk(g: &proto::GraphProto, out: &mut HashSet<String>) {
+        out.extend(g.output.iter().map(|o| o.name().to_string()));
+        for n in &g.node {
+            out.extend(n.input.iter().filter(|i| !i.is_empty()).cloned());
+            for a in &n.attribute {
+                for sub in a.g.iter().chain(&a.graphs) {
+                    walk(sub, out);
+                }
+            }
+        }
+    }
+    let mut out = HashSet::new();
+    walk(graph, &mut out);
+    out
 }
 
 /// The 2 GB protobuf limit, less a margin for the graph itself: above it, `export`
@@ -917,4 +1007,140 @@ fn inline_external(t: &mut proto::TensorProto, base: &Path, model_path: &Path) -
     t.external_data.clear();
     t.data_location = Some(DataLocation::Default as i32);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tensor(name: &str, dims: &[i64]) -> proto::TensorProto {
+        let n = dims.iter().product::<i64>() as usize;
+        proto::TensorProto {
+            name: Some(name.into()),
+            dims: dims.to_vec(),
+            data_type: Some(DataType::Float as i32),
+            raw_data: Some(vec![0u8; 4 * n]),
+            ..Default::default()
+        }
+    }
+
+    fn node(op: &str, inputs: &[&str], output: &str) -> proto::NodeProto {
+        proto::NodeProto {
+            op_type: Some(op.into()),
+            input: inputs.iter().map(|s| s.to_string()).collect(),
+            output: vec![output.into()],
+            ..Default::default()
+        }
+    }
+
+    fn named(name: &str) -> proto::ValueInfoProto {
+        proto::ValueInfoProto {
+            name: Some(name.into()),
+            ..Default::default()
+        }
+    }
+
+    /// `h = x @ W`; `y = If(c) then B (read by the branch, an outer-scope name) else h`;
+    /// `z = h + C`. `W` is also declared a graph input; `U` is read by nothing.
+    /// `W`, `B` and `U` are bound; `C` is a constant of the model.
+    fn model() -> (OnnxModel, Binding) {
+        let branch = proto::GraphProto {
+            node: vec![node("Identity", &["B"], "b_out")],
+            output: vec![named("b_out")],
+            ..Default::default()
+        };
+        let mut cond = node("If", &["c"], "y");
+        cond.attribute.push(proto::AttributeProto {
+            name: Some("then_branch".into()),
+            g: Some(branch.clone()),
+            ..Default::default()
+        });
+        let graph = proto::GraphProto {
+            node: vec![
+                node("MatMul", &["x", "W"], "h"),
+                cond,
+                node("Add", &["h", "C"], "z"),
+            ],
+            initializer: vec![
+                tensor("W", &[4, 3]),
+                tensor("B", &[3]),
+                tensor("U", &[2]),
+                tensor("C", &[3]),
+            ],
+            input: vec![named("x"), named("c"), named("W")],
+            output: vec![named("y"), named("z")],
+            ..Default::default()
+        };
+        let model = OnnxModel {
+            path: PathBuf::from("model.onnx"),
+            model: proto::ModelProto {
+                graph: Some(graph),
+                ..Default::default()
+            },
+        };
+        let bound = |tensor: usize, name: &str, shape: &[usize]| Bound {
+            tensor,
+            name: name.into(),
+            elem: ElemType::F32,
+            shape: shape.to_vec(),
+            transpose: false,
+        };
+        let binding = Binding {
+            bound: vec![
+                bound(0, "W", &[4, 3]),
+                bound(1, "B", &[3]),
+                bound(2, "U", &[2]),
+            ],
+            unused_integer: Vec::new(),
+            rename: None,
+        };
+        (model, binding)
+    }
+
+    fn names<'a>(it: impl Iterator<Item = &'a str>) -> Vec<&'a str> {
+        it.collect()
+    }
+
+    #[test]
+    fn weights_as_inputs_become_graph_inputs() {
+        let (model, binding) = model();
+        let m = rewritten(&model, &binding, WeightsAs::Inputs).unwrap();
+        let g = m.graph.unwrap();
+        assert_eq!(names(g.initializer.iter().map(|t| t.name())), ["C"]);
+        assert_eq!(
+            names(g.input.iter().map(|i| i.name())),
+            ["x", "c", "W", "B", "U"]
+        );
+    }
+
+    #[test]
+    fn weights_as_constants_are_data_less_placeholders_of_the_initializers_read() {
+        let (model, binding) = model();
+        let m = rewritten(&model, &binding, WeightsAs::Constants).unwrap();
+        let g = m.graph.unwrap();
+        // U is read by no node: ONNX Runtime drops such initializers before it takes the
+        // supplied values, and a value for a missing initializer is an error.
+        assert_eq!(
+            names(g.initializer.iter().map(|t| t.name())),
+            ["W", "B", "C"]
+        );
+        // A bound initializer declared as a graph input would not be a constant.
+        assert_eq!(names(g.input.iter().map(|i| i.name())), ["x", "c"]);
+        for (t, dims) in g.initializer.iter().zip([&[4i64, 3][..], &[3]]) {
+            assert_eq!(t.dims, dims, "{}", t.name());
+            assert_eq!(t.data_type, Some(DataType::Float as i32));
+            assert_eq!(t.data_location(), DataLocation::External);
+            assert_eq!(
+                t.raw_data,
+                None,
+                "{}: the candidate supplies the data",
+                t.name()
+            );
+            let length = t.external_data.iter().find(|e| e.key() == "length");
+            let bytes = 4 * dims.iter().product::<i64>();
+            assert_eq!(length.map(|e| e.value()), Some(bytes.to_string().as_str()));
+        }
+        // The model's own constant keeps its data.
+        assert_eq!(g.initializer[2].raw_data.as_ref().map(Vec::len), Some(12));
+    }
 }

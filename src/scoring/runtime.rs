@@ -64,10 +64,50 @@ fn init(path: &Path) -> std::result::Result<Runtime, String> {
         .with_name("aswa-merge")
         .build()
         .map_err(|e| e.to_string())?;
+    // Best effort: without it, sessions that ask for the shared arena use their own.
+    let _ = share_cpu_arena(&environment);
     Ok(Runtime {
         environment,
         library: path.to_path_buf(),
     })
+}
+
+/// Registers a CPU arena allocator with the environment (`CreateAndRegisterAllocator`),
+/// which sessions built with `session.use_env_allocators` share instead of each making
+/// its own. With a session per candidate ([`super::WeightsAs::Constants`]) that keeps the
+/// activations' memory allocated, and its pages mapped, from one candidate to the next:
+/// a fresh arena per session has every page of it faulted in again (a quarter of the CPU
+/// time on the benchmark's CNN). Fails if the process's environment already has one (a
+/// second [`load`] in the same process), which is as good.
+fn share_cpu_arena(environment: &Environment) -> std::result::Result<(), String> {
+    use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
+    use ort::AsPointer;
+    let info = MemoryInfo::new(
+        AllocationDevice::CPU,
+        0,
+        AllocatorType::Arena,
+        MemoryType::Default,
+    )
+    .map_err(|e| e.to_string())?;
+    let api = ort::api();
+    // SAFETY: both pointers come from live `ort` objects that outlive the call; a null
+    // arena configuration asks for the default one (ONNX Runtime's C API documents it).
+    let status = unsafe {
+        (api.CreateAndRegisterAllocator)(environment.ptr().cast_mut(), info.ptr(), std::ptr::null())
+    };
+    if status.0.is_null() {
+        return Ok(());
+    }
+    // SAFETY: a non-null status is an error object we own: its message is read while it
+    // lives, and it is released once.
+    let message = unsafe {
+        let text = std::ffi::CStr::from_ptr((api.GetErrorMessage)(status.0))
+            .to_string_lossy()
+            .into_owned();
+        (api.ReleaseStatus)(status.0);
+        text
+    };
+    Err(message)
 }
 
 /// `onnxruntime/capi/libonnxruntime.so*` of the `python3` on `PATH`, located without
