@@ -841,6 +841,9 @@ pub struct Plan {
     /// working memory comes on top.
     pub predicted_peak_bytes: u64,
     pub metric: String,
+    /// How candidates' weights would reach the model on the CPU (`--weights-as`; with
+    /// `--device auto` a usable GPU would make `auto` choose inputs).
+    pub weights_as: WeightsAs,
 }
 
 /// Reads and checks every input like [`run`], and returns the plan instead of running it.
@@ -899,10 +902,10 @@ pub fn plan(cfg: &MergeConfig) -> Result<Plan> {
     // Weights as constants: the candidate's copy and its session's own (`auto` uses
     // them on the CPU, which `--device auto` may choose).
     let on_cpu = !matches!(cfg.device, crate::scoring::Device::Cuda(_));
-    let bound_copy = match cfg
+    let weights_as = cfg
         .weights_as
-        .resolve(&p.model, &p.binding, on_cpu, cfg.io_binding)?
-    {
+        .resolve(&p.model, &p.binding, on_cpu, cfg.io_binding)?;
+    let bound_copy = match weights_as {
         WeightsAs::Constants => bound_copy.max(2 * bound_bytes),
         WeightsAs::Inputs => bound_copy,
     };
@@ -951,6 +954,7 @@ pub fn plan(cfg: &MergeConfig) -> Result<Plan> {
             + mapped
             + validation_bytes,
         metric: p.metric.name(),
+        weights_as,
     };
     say(&format!(
         "plan: {}strategy {} over {} checkpoints; {} tensors ({} float parameters), {} per model",
@@ -962,11 +966,15 @@ pub fn plan(cfg: &MergeConfig) -> Result<Plan> {
         human(plan.model_bytes)
     ));
     say(&format!(
-        "      read {} of checkpoints; validation {} rows ({}); metric {}",
+        "      read {} of checkpoints; validation {} rows ({}); metric {}; weights as {}",
         human(plan.bytes_to_read),
         plan.validation_rows,
         human(plan.validation_bytes),
-        plan.metric
+        plan.metric,
+        match plan.weights_as {
+            WeightsAs::Inputs => "inputs (one session)",
+            WeightsAs::Constants => "constants (a session per candidate)",
+        }
     ));
     say(&format!(
         "      predicted peak memory {} (plus ONNX Runtime's working memory); nothing scored or written",

@@ -656,9 +656,21 @@ fn dry_run_checks_and_plans_without_scoring_or_writing() {
         .stderr(
             contains("15 checkpoints")
                 .and(contains("9 tensors (5066 float parameters)"))
+                .and(contains("weights as inputs (one session)"))
                 .and(contains("predicted peak memory"))
                 .and(contains("nothing scored or written")),
         );
+    assert!(!run.out().exists());
+    // A convolutional model: `--weights-as auto` means a session per candidate.
+    cmd()
+        .arg(fixture("bn/checkpoints"))
+        .args(["--val", &fixture("bn/val.npz").display().to_string()])
+        .arg("-o")
+        .arg(run.out())
+        .arg("--dry-run")
+        .assert()
+        .success()
+        .stderr(contains("weights as constants (a session per candidate)"));
     assert!(!run.out().exists());
     // Problems are still found.
     cmd()

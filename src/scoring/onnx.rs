@@ -716,7 +716,8 @@ fn mismatch_message(
 }
 
 /// How a rewritten model receives a candidate's weights.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum WeightsAs {
     /// Every bound initializer becomes a graph input: one session scores every
     /// candidate, its weights fed with each run.
