@@ -144,7 +144,7 @@ def main() -> int:
     # 2b. End to end on a CNN.
     cnn = [r for r in recs if r.get("group") == "e2e-cnn"]
     if cnn:
-        p("## 2b. End to end on a CNN with BatchNorm: weights as constants vs inputs\n")
+        p("## 2b. End to end on a CNN: weights as constants vs inputs\n")
         by = {}
         for r in cnn:
             by.setdefault(r["variant"], []).append(r)

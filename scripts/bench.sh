@@ -35,6 +35,8 @@ PYTHON="${PYTHON:-$(scripts/setup-python.sh)}"
 THREADS="${BENCH_THREADS:-2}"
 if [ "$QUICK" = 1 ]; then REPS="${BENCH_REPS:-1}"; else REPS="${BENCH_REPS:-3}"; fi
 DIR="${BENCH_DIR:-target/bench}"
+mkdir -p "$DIR"
+DIR="$(cd "$DIR" && pwd)"  # absolute: commands below run from other directories too
 SKIP=",${BENCH_SKIP:-},"
 RES="$DIR/results"
 LOGS="$RES/logs"
@@ -44,7 +46,7 @@ mkdir -p "$LOGS" "$TMP"
 JSONL="$RES/results.jsonl"
 : > "$JSONL"
 BIN="$PWD/target/release/aswa-merge"
-SHIM="$PWD/$DIR/libort_timer.so"
+SHIM="$DIR/libort_timer.so"
 MEASURE=("$PYTHON" benches/measure.py --out "$JSONL")
 PIPE=("$PYTHON" scripts/bench_python_pipeline.py)
 skip() { [[ "$SKIP" == *",$1,"* ]]; }
@@ -73,9 +75,9 @@ cc -O2 -shared -fPIC -o "$SHIM" benches/ort_timer.c -ldl
 if ! skip averaging; then
   say "1. averaging throughput (cargo bench --bench averaging)"
   if [ "$QUICK" = 1 ]; then AN=4; AP=$((8 << 20)); else AN=8; AP=$((64 << 20)); fi
-  ASWA_BENCH_N="$AN" ASWA_BENCH_PARAMS="$AP" ASWA_BENCH_REPS=3 ASWA_BENCH_DIR="$PWD/$TMP" \
+  ASWA_BENCH_N="$AN" ASWA_BENCH_PARAMS="$AP" ASWA_BENCH_REPS=3 ASWA_BENCH_DIR="$TMP" \
     ASWA_BENCH_DTYPES=f32,bf16,f16 \
-    ASWA_BENCH_JSON="$PWD/$RES/averaging.jsonl" \
+    ASWA_BENCH_JSON="$RES/averaging.jsonl" \
     cargo bench --quiet --bench averaging 2>"$LOGS/averaging.err" | tee "$RES/averaging.txt" >&2
 fi
 

@@ -296,15 +296,38 @@ impl OnnxModel {
         self.graph().output.iter().map(value_info).collect()
     }
 
-    /// Whether a convolution (`Conv`, `ConvTranspose`) of the main graph reads a bound
-    /// initializer as its weight: where ONNX Runtime's optimisations of constant weights
-    /// pay most ([`WeightsAs::Constants`]).
+    /// Whether the model is convolutional: a convolution (`Conv`, `ConvTranspose`) of
+    /// the main graph reads a bound initializer as its weight, and either one of them
+    /// feeds a `BatchNormalization` (which ONNX Runtime fuses into it when both are
+    /// constants) or they are at least as many as the matrix products (`Gemm`, `MatMul`)
+    /// reading a bound initializer. Those are where ONNX Runtime's optimisations of
+    /// constant weights pay most ([`WeightsAs::Constants`]); a transformer with a
+    /// convolutional patch embedding is not counted as one.
     pub fn convolves(&self, binding: &Binding) -> bool {
         let bound: HashSet<&str> = binding.bound.iter().map(|b| b.name.as_str()).collect();
-        self.graph().node.iter().any(|n| {
-            matches!(n.op_type(), "Conv" | "ConvTranspose")
-                && n.input.get(1).is_some_and(|w| bound.contains(w.as_str()))
-        })
+        let nodes = &self.graph().node;
+        let mut conv_outputs = HashSet::new();
+        let mut products = 0usize;
+        for n in nodes {
+            match n.op_type() {
+                "Conv" | "ConvTranspose"
+                    if n.input.get(1).is_some_and(|w| bound.contains(w.as_str())) =>
+                {
+                    conv_outputs.extend(n.output.iter().map(String::as_str))
+                }
+                "Gemm" | "MatMul" if n.input.iter().any(|i| bound.contains(i.as_str())) => {
+                    products += 1
+                }
+                _ => {}
+            }
+        }
+        let batchnorm_after = nodes.iter().any(|n| {
+            n.op_type() == "BatchNormalization"
+                && n.input
+                    .first()
+                    .is_some_and(|i| conv_outputs.contains(i.as_str()))
+        });
+        !conv_outputs.is_empty() && (batchnorm_after || conv_outputs.len() >= products)
     }
 
     /// Operator types used by the main graph (for diagnostics).
@@ -1100,6 +1123,60 @@ mod tests {
 
     fn names<'a>(it: impl Iterator<Item = &'a str>) -> Vec<&'a str> {
         it.collect()
+    }
+
+    #[test]
+    fn a_model_is_convolutional_with_batchnorm_or_when_its_convolutions_are_not_outnumbered() {
+        let bound = |names: &[&str]| Binding {
+            bound: names
+                .iter()
+                .enumerate()
+                .map(|(i, n)| Bound {
+                    tensor: i,
+                    name: n.to_string(),
+                    elem: ElemType::F32,
+                    shape: vec![1],
+                    transpose: false,
+                })
+                .collect(),
+            unused_integer: Vec::new(),
+            rename: None,
+        };
+        let model = |nodes: Vec<proto::NodeProto>| OnnxModel {
+            path: PathBuf::from("model.onnx"),
+            model: proto::ModelProto {
+                graph: Some(proto::GraphProto {
+                    node: nodes,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+        };
+        // A CNN: two convolutions and a classifier.
+        let cnn = model(vec![
+            node("Conv", &["x", "c1.w"], "a"),
+            node("Conv", &["a", "c2.w"], "b"),
+            node("Gemm", &["b", "fc.w", "fc.b"], "y"),
+        ]);
+        assert!(cnn.convolves(&bound(&["c1.w", "c2.w", "fc.w", "fc.b"])));
+        // A patch embedding before matrix products: a transformer.
+        let vit = model(vec![
+            node("Conv", &["x", "patch.w"], "a"),
+            node("MatMul", &["a", "q.w"], "b"),
+            node("MatMul", &["b", "o.w"], "y"),
+        ]);
+        assert!(!vit.convolves(&bound(&["patch.w", "q.w", "o.w"])));
+        // A convolution whose weight is not a checkpoint tensor does not count.
+        assert!(!cnn.convolves(&bound(&["fc.w"])));
+        // One convolution with a BatchNorm before a two-layer classifier: ONNX Runtime
+        // fuses the pair when both are constants.
+        let conv_bn = model(vec![
+            node("Conv", &["x", "c.w"], "a"),
+            node("BatchNormalization", &["a", "g", "b", "m", "v"], "n"),
+            node("Gemm", &["n", "fc1.w"], "h"),
+            node("Gemm", &["h", "fc2.w"], "y"),
+        ]);
+        assert!(conv_bn.convolves(&bound(&["c.w", "g", "b", "m", "v", "fc1.w", "fc2.w"])));
     }
 
     #[test]

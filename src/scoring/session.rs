@@ -92,9 +92,9 @@ impl std::str::FromStr for IoBindingMode {
 /// documentation).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum WeightsMode {
-    /// Constants on the CPU for models with convolutions reading checkpoint weights
-    /// (where ONNX Runtime's constant-only optimisations pay for a session per
-    /// candidate), inputs otherwise and with `--io-binding on`. Decided by the model and
+    /// Constants on the CPU for convolutional models ([`OnnxModel::convolves`]: where
+    /// ONNX Runtime's constant-only optimisations pay for a session per candidate),
+    /// inputs otherwise and with `--io-binding on`. Decided by the model and
     /// the options, never by timing, so runs are repeatable.
     #[default]
     Auto,
@@ -152,6 +152,8 @@ enum Engine {
         threads: usize,
         model: Vec<u8>,
         path: std::path::PathBuf,
+        /// Whether a session was built before: a failure then is not the model's fault.
+        built: bool,
     },
 }
 
@@ -210,6 +212,7 @@ impl Feeder {
                 threads: options.threads,
                 model: bytes,
                 path: model.path().to_path_buf(),
+                built: false,
             },
         };
         let scratch = binding.bound.iter().map(|_| Scratch::default()).collect();
@@ -318,6 +321,7 @@ impl Feeder {
                 threads,
                 model,
                 path,
+                built,
             } => {
                 let mut builder = device::builder(environment, placement, *threads)?;
                 if placement.is_cpu() {
@@ -339,7 +343,14 @@ impl Feeder {
                             ))
                         })?;
                 }
-                let mut session = commit(builder, model, path)?;
+                let mut session = if *built {
+                    builder.commit_from_memory(model).map_err(|e| {
+                        Error::Runtime(format!("cannot build the session for a candidate: {e}"))
+                    })?
+                } else {
+                    commit(builder, model, path)?
+                };
+                *built = true;
                 run_plain(&mut session, &[], data, batches, each)
             }
         }
