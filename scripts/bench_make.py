@@ -176,6 +176,18 @@ def save_model(out_dir: str, nodes, name: str, x_shape, classes: int, inits) -> 
     onnx.save(model, os.path.join(out_dir, "model.onnx"))
 
 
+def bn_relu(nodes, src: str, i: int) -> str:
+    """Appends `bn{i}` (eval mode) and a Relu after `src`; returns the Relu's output."""
+    from onnx import helper
+
+    nodes.append(helper.make_node(
+        "BatchNormalization",
+        [src, f"bn{i}.weight", f"bn{i}.bias", f"bn{i}.running_mean", f"bn{i}.running_var"],
+        [f"bn{i}"], name=f"bn{i}", epsilon=1e-5))
+    nodes.append(helper.make_node("Relu", [f"bn{i}"], [f"relu{i}"], name=f"relu{i}"))
+    return f"relu{i}"
+
+
 def write_cnn(out_dir: str, shapes, base, channels: "list[int]", image: int, classes: int) -> None:
     from onnx import helper
 
@@ -186,12 +198,7 @@ def write_cnn(out_dir: str, shapes, base, channels: "list[int]", image: int, cla
         stride = 1 if i == 1 else 2
         nodes.append(helper.make_node("Conv", [prev, f"conv{i}.weight"], [f"conv{i}"], name=f"conv{i}",
                                       kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[stride, stride]))
-        nodes.append(helper.make_node(
-            "BatchNormalization",
-            [f"conv{i}", f"bn{i}.weight", f"bn{i}.bias", f"bn{i}.running_mean", f"bn{i}.running_var"],
-            [f"bn{i}"], name=f"bn{i}", epsilon=1e-5))
-        nodes.append(helper.make_node("Relu", [f"bn{i}"], [f"relu{i}"], name=f"relu{i}"))
-        prev = f"relu{i}"
+        prev = bn_relu(nodes, f"conv{i}", i)
     nodes.append(helper.make_node("GlobalAveragePool", [prev], ["pool"], name="pool"))
     nodes.append(helper.make_node("Flatten", ["pool"], ["flat"], name="flatten"))
     nodes.append(helper.make_node("Gemm", ["flat", "fc.weight", "fc.bias"], ["logits"], name="fc", transB=1))
@@ -217,12 +224,7 @@ def write_model(out_dir: str, shapes, base, d_in: int, classes: int) -> None:
     for i in range(1, n_hidden + 1):
         nodes.append(helper.make_node("Gemm", [prev, f"fc{i}.weight", f"fc{i}.bias"], [f"gemm{i}"],
                                       name=f"fc{i}", transB=1))
-        nodes.append(helper.make_node(
-            "BatchNormalization",
-            [f"gemm{i}", f"bn{i}.weight", f"bn{i}.bias", f"bn{i}.running_mean", f"bn{i}.running_var"],
-            [f"bn{i}"], name=f"bn{i}", epsilon=1e-5))
-        nodes.append(helper.make_node("Relu", [f"bn{i}"], [f"relu{i}"], name=f"relu{i}"))
-        prev = f"relu{i}"
+        prev = bn_relu(nodes, f"gemm{i}", i)
     k = n_hidden + 1
     nodes.append(helper.make_node("Gemm", [prev, f"fc{k}.weight", f"fc{k}.bias"], ["logits"],
                                   name=f"fc{k}", transB=1))

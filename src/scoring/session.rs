@@ -376,11 +376,20 @@ struct Batches {
 }
 
 impl Batches {
-    /// The batch starting at row `start` of `rows`: its end, and the padded size when a
-    /// fixed batch dimension needs padding.
-    fn at(self, start: usize, rows: usize) -> (usize, Option<usize>) {
-        let end = (start + self.batch).min(rows);
-        (end, self.fixed_batch.filter(|&n| n > end - start))
+    /// Calls `f(start, end, padded)` for consecutive batches of `rows` rows, in order;
+    /// `padded` is the padded size when a fixed batch dimension needs padding.
+    fn each(
+        self,
+        rows: usize,
+        mut f: impl FnMut(usize, usize, Option<usize>) -> Result<()>,
+    ) -> Result<()> {
+        let mut start = 0;
+        while start < rows {
+            let end = (start + self.batch).min(rows);
+            f(start, end, self.fixed_batch.filter(|&n| n > end - start))?;
+            start = end;
+        }
+        Ok(())
     }
 }
 
@@ -393,9 +402,7 @@ fn run_plain(
     batches: Batches,
     each: &mut dyn FnMut(BatchOutputs<'_, '_>) -> Result<()>,
 ) -> Result<()> {
-    let mut start = 0;
-    while start < data.rows {
-        let (end, pad) = batches.at(start, data.rows);
+    batches.each(data.rows, |start, end, pad| {
         let mut inputs: Vec<(Cow<'_, str>, SessionInputValue<'_>)> =
             Vec::with_capacity(data.inputs.len() + weights.len());
         for (name, arr) in &data.inputs {
@@ -413,10 +420,8 @@ fn run_plain(
             start,
             rows: end - start,
             padded: pad,
-        })?;
-        start = end;
-    }
-    Ok(())
+        })
+    })
 }
 
 /// [`Feeder::run`] with the weights bound once: an `IoBinding` holds them (on a GPU,
@@ -449,9 +454,7 @@ fn run_bound(
         .iter()
         .map(|o| o.name().to_string())
         .collect();
-    let mut start = 0;
-    while start < data.rows {
-        let (end, pad) = batches.at(start, data.rows);
+    batches.each(data.rows, |start, end, pad| {
         for (name, arr) in &data.inputs {
             io.bind_input(name.as_str(), &owned_value(arr.rows(start, end, pad))?)?;
         }
@@ -467,10 +470,8 @@ fn run_bound(
             start,
             rows: end - start,
             padded: pad,
-        })?;
-        start = end;
-    }
-    Ok(())
+        })
+    })
 }
 
 /// Scores candidates on a validation set with a metric.
