@@ -300,9 +300,11 @@ pub struct CommonArgs {
     /// is built per candidate with its weights as the model's constants, which costs a
     /// session build per candidate but lets ONNX Runtime fuse Conv with BatchNormalization
     /// and pre-pack convolution weights (on the CPU, convolutional models' forward passes
-    /// take about half as long); auto = constants on the CPU when a convolution reads
-    /// checkpoint weights (unless --io-binding on), inputs otherwise. Scores can differ in
-    /// the last digits between the two (fused arithmetic); each is repeatable.
+    /// take about half as long); auto = constants on the CPU for convolutional models (a
+    /// convolution reading checkpoint weights feeds a BatchNormalization, or such
+    /// convolutions are at least as many as the matrix products reading checkpoint weights;
+    /// not with --io-binding on), inputs otherwise. Scores can differ in the last digits
+    /// between the two (fused arithmetic); each is repeatable.
     #[arg(long, value_name = "MODE", default_value = "auto")]
     pub weights_as: crate::scoring::WeightsMode,
 
