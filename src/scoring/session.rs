@@ -152,7 +152,7 @@ enum Engine {
         threads: usize,
         model: Vec<u8>,
         path: std::path::PathBuf,
-        /// Whether a session was built before: a failure then is not the model's fault.
+        /// Whether a session was built before (see [`commit`]).
         built: bool,
     },
 }
@@ -165,9 +165,7 @@ pub(crate) struct Feeder {
     binding: Binding,
     /// Weights bound once per candidate (an `IoBinding`) rather than passed with each batch.
     bind_weights: bool,
-    batch: usize,
-    /// `Some(n)` when the model's batch dimension is fixed to `n` (partial batches padded).
-    fixed_batch: Option<usize>,
+    batches: Batches,
     scratch: Vec<Scratch>,
 }
 
@@ -206,6 +204,7 @@ impl Feeder {
                 device::builder(&runtime.environment, &placement, options.threads)?,
                 &bytes,
                 model.path(),
+                true,
             )?),
             WeightsAs::Constants => Engine::PerCandidate {
                 environment: runtime.environment.clone(),
@@ -227,8 +226,7 @@ impl Feeder {
             engine,
             binding,
             bind_weights,
-            batch,
-            fixed_batch,
+            batches: Batches { batch, fixed_batch },
             scratch,
         })
     }
@@ -248,17 +246,17 @@ impl Feeder {
 
     /// Rows per batch.
     pub(crate) fn batch_size(&self) -> usize {
-        self.batch
+        self.batches.batch
     }
 
     /// The model's fixed batch dimension, if it has one.
     pub(crate) fn fixed_batch(&self) -> Option<usize> {
-        self.fixed_batch
+        self.batches.fixed_batch
     }
 
     /// Sets the rows per batch (a fixed batch dimension keeps its own).
     pub(crate) fn set_batch_size(&mut self, n: usize) {
-        self.batch = self.fixed_batch.unwrap_or(n.max(1));
+        self.batches.batch = self.batches.fixed_batch.unwrap_or(n.max(1));
     }
 
     /// Runs the model with `candidate`'s weights over `data` in batches, in row order,
@@ -275,8 +273,7 @@ impl Feeder {
             engine,
             binding,
             bind_weights,
-            batch,
-            fixed_batch,
+            batches,
             scratch,
         } = self;
         let specs = set.specs();
@@ -307,15 +304,11 @@ impl Feeder {
                 view(b.elem, shape, bytes, s, source, owned)?,
             ));
         }
-        let batches = Batches {
-            batch: *batch,
-            fixed_batch: *fixed_batch,
-        };
         match engine {
             Engine::Shared(session) if *bind_weights => {
-                run_bound(session, &weights, data, batches, each)
+                run_bound(session, &weights, data, *batches, each)
             }
-            Engine::Shared(session) => run_plain(session, &weights, data, batches, each),
+            Engine::Shared(session) => run_plain(session, &weights, data, *batches, each),
             Engine::PerCandidate {
                 environment,
                 threads,
@@ -343,35 +336,37 @@ impl Feeder {
                             ))
                         })?;
                 }
-                let mut session = if *built {
-                    builder.commit_from_memory(model).map_err(|e| {
-                        Error::Runtime(format!("cannot build the session for a candidate: {e}"))
-                    })?
-                } else {
-                    commit(builder, model, path)?
-                };
+                let mut session = commit(builder, model, path, !*built)?;
                 *built = true;
-                run_plain(&mut session, &[], data, batches, each)
+                run_plain(&mut session, &[], data, *batches, each)
             }
         }
     }
 }
 
-/// Builds the session for the model `bytes` read from `path`.
+/// Builds the session for the model `bytes` read from `path`. A failure of the `first`
+/// session built from them is the model's (exit 2); once one was built, it is not.
 fn commit(
     mut builder: ort::session::builder::SessionBuilder,
     bytes: &[u8],
     path: &std::path::Path,
+    first: bool,
 ) -> Result<Session> {
-    builder
-        .commit_from_memory(bytes)
-        .map_err(|e| Error::model(path, format!("ONNX Runtime cannot load the model: {e}")))
+    builder.commit_from_memory(bytes).map_err(|e| {
+        if first {
+            Error::model(path, format!("ONNX Runtime cannot load the model: {e}"))
+        } else {
+            Error::Runtime(format!("cannot build the session for a candidate: {e}"))
+        }
+    })
 }
 
 /// How a data set is cut into batches.
 #[derive(Debug, Clone, Copy)]
 struct Batches {
+    /// Rows per batch.
     batch: usize,
+    /// `Some(n)` when the model's batch dimension is fixed to `n` (partial batches padded).
     fixed_batch: Option<usize>,
 }
 
