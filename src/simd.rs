@@ -2,14 +2,18 @@
 //!
 //! The kernels are plain Rust loops; `simd` runs one compiled for the widest instruction
 //! set the CPU has (AVX-512, AVX2, or the x86-64 baseline), chosen at run time so that one
-//! binary runs everywhere. Every level performs the same IEEE-754 operations in the same
-//! order (Rust never fuses a multiply and an add or reassociates on its own), so every
-//! level gives the same values; only speed differs. The one exception is which NaN an
-//! operation on two NaNs returns, which IEEE 754 leaves open and which differs between
-//! scalar and vector code: the kernels write every NaN result as the canonical quiet NaN,
-//! so their output is the same bits at every level. [`limit`] caps the level for the whole
-//! process, for benchmarks and for the tests that check the levels agree (they differ
-//! only in optimised builds).
+//! binary runs everywhere. One step is written with an explicit instruction, because no
+//! compiler finds it in a loop: widening f16 to f32 with F16C's `vcvtph2ps` (`widen_f16`),
+//! exact like the portable code it replaces, which the baseline runs.
+//!
+//! Every level performs the same IEEE-754 operations in the same order (Rust never fuses
+//! a multiply and an add or reassociates on its own), so every level gives the same
+//! values; only speed differs. The one exception is which NaN an operation on two NaNs
+//! returns, which IEEE 754 leaves open and which differs between scalar and vector code:
+//! the kernels write every NaN result as the canonical quiet NaN, so their output is the
+//! same bits at every level. [`limit`] caps the level for the whole process, for
+//! benchmarks and for the tests that check the levels agree (they differ only in
+//! optimised builds).
 
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::OnceLock;
@@ -19,7 +23,7 @@ use std::sync::OnceLock;
 pub enum Level {
     /// The architecture's baseline (SSE2 on x86-64; everything on other architectures).
     Baseline,
-    /// AVX2 (256-bit registers).
+    /// AVX2 and F16C (256-bit registers; one instruction widens eight f16 values).
     Avx2,
     /// AVX-512 F, BW, DQ and VL (512-bit registers; mask registers make the bf16 and f16
     /// rounding cheap).
@@ -68,12 +72,13 @@ pub fn limit(max: Level) {
 #[cfg(target_arch = "x86_64")]
 fn detect() -> Level {
     use std::arch::is_x86_feature_detected as has;
-    if has!("avx512f") && has!("avx512bw") && has!("avx512dq") && has!("avx512vl") {
-        Level::Avx512
-    } else if has!("avx2") {
-        Level::Avx2
-    } else {
+    // Every CPU with AVX2 has F16C (it came a generation earlier); checked all the same.
+    if !has!("avx2") || !has!("f16c") {
         Level::Baseline
+    } else if has!("avx512f") && has!("avx512bw") && has!("avx512dq") && has!("avx512vl") {
+        Level::Avx512
+    } else {
+        Level::Avx2
     }
 }
 
@@ -103,16 +108,64 @@ pub(crate) fn simd<R>(f: impl FnOnce() -> R) -> R {
 
 /// `f()` with AVX-512 enabled.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,f16c")]
 unsafe fn with_avx512<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
 
-/// `f()` with AVX2 enabled.
+/// `f()` with AVX2 and F16C enabled.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
+#[target_feature(enable = "avx2,f16c")]
 unsafe fn with_avx2<R>(f: impl FnOnce() -> R) -> R {
     f()
+}
+
+/// Widens the little-endian f16 values in `bytes` (any alignment; two bytes for each
+/// element of `out`) into `out`, exactly, with F16C where [`Level::active`] has it (AVX2
+/// and up), and says whether it did: with `false` nothing was written and the caller
+/// widens with portable code. A NaN keeps its sign and payload and comes out quiet, as
+/// `vcvtph2ps` makes it.
+///
+/// Inside `simd`'s AVX2 and AVX-512 functions the F16C loop is inlined; elsewhere it is a
+/// call per slice, so callers pass blocks of a few hundred values or more.
+#[inline(always)]
+pub(crate) fn widen_f16(bytes: &[u8], out: &mut [f32]) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if Level::active() >= Level::Avx2 {
+        // SAFETY: `active` never exceeds what `detect` found, and `detect` reports AVX2
+        // or AVX-512 only where the CPU has AVX2 and F16C.
+        unsafe { widen_f16_f16c(bytes, out) };
+        return true;
+    }
+    let _ = (bytes, out);
+    false
+}
+
+/// [`widen_f16`]'s F16C loop: eight values per instruction, the last few one at a time.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,f16c")]
+#[inline]
+fn widen_f16_f16c(bytes: &[u8], out: &mut [f32]) {
+    debug_assert_eq!(bytes.len(), 2 * out.len());
+    use std::arch::x86_64::{
+        __m128i, _mm256_cvtph_ps, _mm256_storeu_ps, _mm_cvtph_ps, _mm_cvtsi32_si128, _mm_cvtss_f32,
+        _mm_loadu_si128,
+    };
+    let mut eights = out.chunks_exact_mut(8);
+    let mut halves = bytes.chunks_exact(16);
+    for (o, h) in (&mut eights).zip(&mut halves) {
+        // SAFETY: `h` is 16 readable bytes and `o` 8 writable f32 (the chunk sizes); both
+        // intrinsics take unaligned addresses.
+        unsafe {
+            let v = _mm_loadu_si128(h.as_ptr().cast::<__m128i>());
+            _mm256_storeu_ps(o.as_mut_ptr(), _mm256_cvtph_ps(v));
+        }
+    }
+    let tail = eights.into_remainder().iter_mut();
+    for (o, h) in tail.zip(halves.remainder().chunks_exact(2)) {
+        let bits = i32::from(u16::from_le_bytes([h[0], h[1]]));
+        *o = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits)));
+    }
 }
 
 #[cfg(test)]
