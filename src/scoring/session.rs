@@ -292,23 +292,45 @@ impl Feeder {
                 sources.push(prepare(from, b.elem, bytes, s));
             }
         }
-        // Pass 2: views over the candidate's memory or the scratch buffers; owned copies
-        // where ONNX Runtime keeps them (bound, or a session's initializers).
-        let owned = *bind_weights || matches!(engine, Engine::PerCandidate { .. });
-        let mut weights: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = Vec::new();
-        for ((b, s), &source) in binding.bound.iter().zip(scratch.iter()).zip(&sources) {
-            let bytes = s.weight_bytes(b, candidate.tensor_bytes(set, b.tensor));
-            let shape: Vec<i64> = b.shape.iter().map(|&d| d as i64).collect();
-            weights.push((
-                Cow::Borrowed(b.name.as_str()),
-                view(b.elem, shape, bytes, s, source, owned)?,
-            ));
-        }
+        // Pass 2: the bytes each weight is fed from, the candidate's memory or a scratch
+        // buffer.
+        let fed: Vec<Fed<'_>> = binding
+            .bound
+            .iter()
+            .zip(scratch.iter())
+            .zip(&sources)
+            .map(|((b, s), &source)| {
+                let bytes = s.weight_bytes(b, candidate.tensor_bytes(set, b.tensor));
+                let n = b.shape.iter().product();
+                Fed {
+                    name: b.name.as_str(),
+                    elem: b.elem,
+                    shape: b.shape.iter().map(|&d| d as i64).collect(),
+                    bytes: fed_bytes(b.elem, n, bytes, s, source),
+                }
+            })
+            .collect();
         match engine {
-            Engine::Shared(session) if *bind_weights => {
-                run_bound(session, &weights, data, *batches, each)
+            Engine::Shared(session) => {
+                // Views where ONNX Runtime reads the values during each run; owned copies
+                // where it keeps them (bound, see `run_bound`).
+                let weights = fed
+                    .into_iter()
+                    .map(|f| {
+                        let value = if *bind_weights {
+                            SessionInputValue::from(f.copy()?)
+                        } else {
+                            f.view()?
+                        };
+                        Ok((Cow::Borrowed(f.name), value))
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                if *bind_weights {
+                    run_bound(session, &weights, data, *batches, each)
+                } else {
+                    run_plain(session, &weights, data, *batches, each)
+                }
             }
-            Engine::Shared(session) => run_plain(session, &weights, data, *batches, each),
             Engine::PerCandidate {
                 environment,
                 threads,
@@ -324,15 +346,14 @@ impl Feeder {
                         Error::Runtime(format!("cannot use the shared CPU arena: {e}"))
                     })?;
                 }
-                for (name, value) in weights {
-                    let SessionInputValue::Owned(value) = value else {
-                        unreachable!("weights are owned copies for a session per candidate");
-                    };
+                // The session keeps its initializers: owned copies.
+                for f in fed {
                     builder = builder
-                        .with_external_initializer(name.as_ref(), Arc::new(value))
+                        .with_external_initializer(f.name, Arc::new(f.copy()?))
                         .map_err(|e| {
                             Error::Runtime(format!(
-                                "cannot give the model's initializer `{name}` its value: {e}"
+                                "cannot give the model's initializer `{}` its value: {e}",
+                                f.name
                             ))
                         })?;
                 }
@@ -707,17 +728,16 @@ fn aligned(bytes: &[u8], align: usize) -> bool {
     (bytes.as_ptr() as usize).is_multiple_of(align)
 }
 
-/// A tensor view for one bound weight, or with `owned`, a copy (see [`run_bound`]).
-fn view<'a>(
+/// The bytes bound weight of type `elem` with `n` elements is fed from: the candidate's
+/// own `bytes` or the scratch buffer [`prepare`] filled.
+fn fed_bytes<'a>(
     elem: ElemType,
-    shape: Vec<i64>,
+    n: usize,
     bytes: &'a [u8],
     s: &'a Scratch,
     source: Source,
-    owned: bool,
-) -> Result<SessionInputValue<'a>> {
-    let n = shape.iter().product::<i64>() as usize;
-    let raw: &[u8] = match source {
+) -> &'a [u8] {
+    match source {
         Source::Direct => bytes,
         Source::AlignedCopy => &bytemuck::cast_slice::<u64, u8>(&s.raw)[..bytes.len()],
         Source::Converted => match elem {
@@ -726,40 +746,58 @@ fn view<'a>(
             ElemType::BF16 => bytemuck::cast_slice(&s.bf16[..n]),
             _ => bytemuck::cast_slice(&s.f64[..n]),
         },
-    };
-    macro_rules! tensor {
-        ($t:ty) => {{
-            let values = bytemuck::cast_slice::<u8, $t>(raw);
-            if owned {
-                SessionInputValue::from(
-                    Tensor::<$t>::from_array((shape, values.to_vec()))?.into_dyn(),
-                )
-            } else {
-                SessionInputValue::from(
-                    TensorRef::<$t>::from_array_view((shape, values))?.into_dyn(),
-                )
-            }
-        }};
     }
-    Ok(match elem {
-        ElemType::F32 => tensor!(f32),
-        ElemType::F16 => tensor!(f16),
-        ElemType::BF16 => tensor!(bf16),
-        ElemType::F64 => tensor!(f64),
-        ElemType::I64 => tensor!(i64),
-        ElemType::I32 => tensor!(i32),
-        ElemType::I16 => tensor!(i16),
-        ElemType::I8 => tensor!(i8),
-        ElemType::U8 => tensor!(u8),
-        ElemType::U16 => tensor!(u16),
-        ElemType::U32 => tensor!(u32),
-        ElemType::U64 => tensor!(u64),
-        ElemType::Bool => {
-            return Err(Error::Runtime(
+}
+
+/// One bound weight as it is fed to the model: its initializer's name, element type and
+/// shape, and its values' bytes (aligned for `elem`).
+struct Fed<'a> {
+    name: &'a str,
+    elem: ElemType,
+    shape: Vec<i64>,
+    bytes: &'a [u8],
+}
+
+/// `$body` with `$t` the Rust type of ONNX element type `$elem` (booleans: an error; no
+/// checkpoint dtype binds to them).
+macro_rules! with_elem_type {
+    ($elem:expr, $t:ident => $body:expr) => {
+        with_elem_type!(@arms $elem, $t, $body; F32 f32, F16 f16, BF16 bf16, F64 f64,
+            I64 i64, I32 i32, I16 i16, I8 i8, U8 u8, U16 u16, U32 u32, U64 u64)
+    };
+    (@arms $elem:expr, $t:ident, $body:expr; $($variant:ident $ty:ty),*) => {
+        match $elem {
+            $(ElemType::$variant => {
+                type $t = $ty;
+                $body
+            })*
+            ElemType::Bool => Err(Error::Runtime(
                 "boolean checkpoint tensors cannot be fed to the model".into(),
-            ))
+            )),
         }
-    })
+    };
+}
+
+impl<'a> Fed<'a> {
+    /// A tensor over the bytes, without a copy.
+    fn view(&self) -> Result<SessionInputValue<'a>> {
+        let (shape, bytes) = (self.shape.clone(), self.bytes);
+        with_elem_type!(self.elem, T => {
+            let values = bytemuck::cast_slice::<u8, T>(bytes);
+            Ok(SessionInputValue::from(
+                TensorRef::<T>::from_array_view((shape, values))?.into_dyn(),
+            ))
+        })
+    }
+
+    /// A tensor holding a copy of the values.
+    fn copy(&self) -> Result<DynValue> {
+        let shape = self.shape.clone();
+        with_elem_type!(self.elem, T => {
+            let values = bytemuck::cast_slice::<u8, T>(self.bytes).to_vec();
+            Ok(Tensor::<T>::from_array((shape, values))?.into_dyn())
+        })
+    }
 }
 
 /// The rows `start..end` of a validation array as a session input (a view when no padding is needed).
