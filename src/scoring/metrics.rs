@@ -4,8 +4,11 @@
 //! the result does not depend on the batch size or thread count. A model output that
 //! holds NaN gives a NaN score, which ASWA never accepts.
 
+use rayon::prelude::*;
+
 use super::data::{Filter, Labels};
 use crate::error::{Error, Result};
+use crate::simd::simd;
 
 /// A metric to score candidates with.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -150,21 +153,26 @@ impl<'a> Accumulator<'a> {
             )));
         }
         let width = output.len() / rows;
+        if width == 0 {
+            return Err(Error::Metric(format!(
+                "the model output has shape {shape:?}: no values per row"
+            )));
+        }
         let labels = self.labels.ok_or_else(|| {
             Error::Metric(format!("metric `{}` needs labels", self.metric.name()))
         })?;
-        for r in 0..rows {
-            let row = &output[r * width..(r + 1) * width];
-            let global = start + r;
-            self.sum += match (self.metric, labels) {
-                (Metric::Mse | Metric::Mae, Labels::Values { values, per_row }) => {
-                    if *per_row != width {
-                        return Err(Error::Metric(format!(
-                            "the model output has {width} values per row but the labels have {per_row}"
-                        )));
-                    }
+        let metric = self.metric;
+        let scores = match (metric, labels) {
+            (Metric::Mse | Metric::Mae, Labels::Values { values, per_row }) => {
+                if *per_row != width {
+                    return Err(Error::Metric(format!(
+                        "the model output has {width} values per row but the labels have {per_row}"
+                    )));
+                }
+                let abs = matches!(metric, Metric::Mae);
+                each_row(output, width, |r, row| {
+                    let global = start + r;
                     let target = &values[global * width..(global + 1) * width];
-                    let abs = matches!(self.metric, Metric::Mae);
                     row.iter()
                         .zip(target)
                         .map(|(&o, &t)| {
@@ -177,39 +185,51 @@ impl<'a> Accumulator<'a> {
                         })
                         .sum::<f64>()
                         / width as f64
+                })
+            }
+            (Metric::Mse | Metric::Mae, Labels::Classes(c)) => {
+                // Integer targets for a regression metric: compare as numbers.
+                if width != 1 {
+                    return Err(Error::Metric(format!(
+                        "integer labels have one value per row but the model output has {width}"
+                    )));
                 }
-                (Metric::Mse | Metric::Mae, Labels::Classes(c)) => {
-                    // Integer targets for a regression metric: compare as numbers.
-                    if width != 1 {
-                        return Err(Error::Metric(format!(
-                            "integer labels have one value per row but the model output has {width}"
-                        )));
-                    }
-                    let d = f64::from(row[0]) - c[global] as f64;
-                    if matches!(self.metric, Metric::Mae) {
+                let abs = matches!(metric, Metric::Mae);
+                each_row(output, width, |r, row| {
+                    let d = f64::from(row[0]) - c[start + r] as f64;
+                    if abs {
                         d.abs()
                     } else {
                         d * d
                     }
-                }
-                (_, Labels::Classes(c)) => {
-                    let y = c[global];
+                })
+            }
+            (_, Labels::Classes(c)) => {
+                for (r, &y) in c[start..start + rows].iter().enumerate() {
                     if y < 0 || y as usize >= width {
                         return Err(Error::Metric(format!(
-                            "label {y} of row {global} is outside the model's {width} outputs"
+                            "label {y} of row {} is outside the model's {width} outputs",
+                            start + r
                         )));
                     }
-                    let y = y as usize;
-                    let filtered = self.filter.map(|f| f.row(global)).unwrap_or(&[]);
-                    row_score(self.metric, row, y, filtered)
                 }
-                (m, Labels::Values { .. }) => {
-                    return Err(Error::Metric(format!(
-                        "metric `{}` needs integer class labels, but the labels are floating point",
-                        m.name()
-                    )))
-                }
-            };
+                let filter = self.filter;
+                each_row(output, width, |r, row| {
+                    let global = start + r;
+                    let filtered = filter.map(|f| f.row(global)).unwrap_or(&[]);
+                    row_score(metric, row, c[global] as usize, filtered)
+                })
+            }
+            (m, Labels::Values { .. }) => {
+                return Err(Error::Metric(format!(
+                    "metric `{}` needs integer class labels, but the labels are floating point",
+                    m.name()
+                )))
+            }
+        };
+        // In row order, whatever the threads: the same sum every time.
+        for score in scores {
+            self.sum += score;
         }
         self.rows += rows;
         Ok(())
@@ -225,21 +245,78 @@ impl<'a> Accumulator<'a> {
     }
 }
 
+/// Batches with at least this many output values are scored on every thread.
+const PARALLEL_VALUES: usize = 1 << 15;
+
+/// `score(r, row r)` for each row of the `width`-wide rows of `output`, in row order;
+/// the rows of large batches are scored in parallel (each row's score does not depend
+/// on the threads).
+fn each_row(output: &[f32], width: usize, score: impl Fn(usize, &[f32]) -> f64 + Sync) -> Vec<f64> {
+    let rows = output.chunks_exact(width);
+    if output.len() >= PARALLEL_VALUES {
+        let rows = output.par_chunks_exact(width);
+        rows.enumerate().map(|(r, row)| score(r, row)).collect()
+    } else {
+        rows.enumerate().map(|(r, row)| score(r, row)).collect()
+    }
+}
+
+/// How the other values of a row compare with the true candidate's score.
+struct Tally {
+    /// Values greater than the true score.
+    greater: usize,
+    /// Values equal to it (the true candidate not counted).
+    equal: usize,
+    /// Of those, the ones before the true candidate.
+    equal_before: usize,
+}
+
+impl Tally {
+    /// Compares every value of `row` with `row[y]`, in one pass per side; `None` if the
+    /// row holds a NaN.
+    fn of(row: &[f32], y: usize) -> Option<Self> {
+        let t = row[y];
+        let (before, after) = (count(&row[..y], t), count(&row[y + 1..], t));
+        (!(t.is_nan() || before.2 || after.2)).then_some(Tally {
+            greater: before.0 + after.0,
+            equal: before.1 + after.1,
+            equal_before: before.1,
+        })
+    }
+}
+
+/// How many of `values` are greater than `t`, how many equal, and whether one is NaN:
+/// branch-free with 32-bit counters (per block of 2³¹ values), so that the loop
+/// vectorises at the widest level ([`simd`]).
+fn count(values: &[f32], t: f32) -> (usize, usize, bool) {
+    simd(
+        #[inline(always)]
+        || {
+            let (mut greater, mut equal, mut nan) = (0usize, 0usize, false);
+            for block in values.chunks(1 << 31) {
+                let (mut g, mut e, mut n) = (0u32, 0u32, false);
+                for &v in block {
+                    g += u32::from(v > t);
+                    e += u32::from(v == t);
+                    n |= v.is_nan();
+                }
+                (greater, equal, nan) = (greater + g as usize, equal + e as usize, nan | n);
+            }
+            (greater, equal, nan)
+        },
+    )
+}
+
 /// The per-row contribution of a classification or ranking metric. NaN anywhere in
 /// the row makes it NaN.
 pub fn row_score(metric: &Metric, row: &[f32], y: usize, filtered: &[i64]) -> f64 {
-    if row.iter().any(|v| v.is_nan()) {
+    let Some(tally) = Tally::of(row, y) else {
         return f64::NAN;
-    }
-    let true_score = row[y];
+    };
     match metric {
         Metric::Accuracy | Metric::TopK(_) => {
             // Position of y when sorted by decreasing score, ties broken by lower index.
-            let pos = row
-                .iter()
-                .enumerate()
-                .filter(|&(j, &s)| s > true_score || (s == true_score && j < y))
-                .count();
+            let pos = tally.greater + tally.equal_before;
             let k = if let Metric::TopK(k) = metric { *k } else { 1 };
             f64::from(u8::from(pos < k))
         }
@@ -251,10 +328,10 @@ pub fn row_score(metric: &Metric, row: &[f32], y: usize, filtered: &[i64]) -> f6
                     .map(|&v| (f64::from(v) - max).exp())
                     .sum::<f64>()
                     .ln();
-            lse - f64::from(true_score)
+            lse - f64::from(row[y])
         }
         Metric::Mrr | Metric::HitsAt(_) => {
-            let rank = realistic_rank(row, y, filtered);
+            let rank = rank_from(tally, row, y, filtered);
             match metric {
                 Metric::Mrr => 1.0 / rank,
                 Metric::HitsAt(k) => f64::from(u8::from(rank <= *k as f64)),
@@ -265,21 +342,23 @@ pub fn row_score(metric: &Metric, row: &[f32], y: usize, filtered: &[i64]) -> f6
     }
 }
 
-/// `1 + #{scores > true} + ½·#{other scores = true}`, leaving out `filtered` candidates.
+/// `1 + #{scores > true} + ½·#{other scores = true}`, leaving out `filtered` candidates;
+/// NaN if the row holds a NaN.
 pub fn realistic_rank(row: &[f32], y: usize, filtered: &[i64]) -> f64 {
-    let t = row[y];
-    let mut greater = 0usize;
-    let mut equal = 0usize;
-    for (j, &s) in row.iter().enumerate() {
-        if j == y {
-            continue;
-        }
-        if s > t {
-            greater += 1;
-        } else if s == t {
-            equal += 1;
-        }
+    match Tally::of(row, y) {
+        Some(tally) => rank_from(tally, row, y, filtered),
+        None => f64::NAN,
     }
+}
+
+/// [`realistic_rank`] from the row's tally.
+fn rank_from(tally: Tally, row: &[f32], y: usize, filtered: &[i64]) -> f64 {
+    let t = row[y];
+    let Tally {
+        mut greater,
+        mut equal,
+        ..
+    } = tally;
     for &f in filtered {
         let Ok(j) = usize::try_from(f) else { continue };
         if j == y || j >= row.len() {
@@ -351,6 +430,99 @@ mod tests {
         assert_eq!(row_score(&Metric::HitsAt(2), &row, 2, &[0, 3]), 1.0);
     }
 
+    /// Rows of `width` values from a few levels (many ties), a NaN in some rows, and
+    /// their labels.
+    fn tied_rows(rows: usize, width: usize) -> (Vec<f32>, Vec<i64>) {
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let mut values: Vec<f32> = (0..rows * width)
+            .map(|_| (next() % 7) as f32 * 0.25 - 0.5)
+            .collect();
+        for r in (0..rows).step_by(37) {
+            values[r * width + (next() as usize % width)] = f32::NAN;
+        }
+        let labels = (0..rows)
+            .map(|_| (next() as usize % width) as i64)
+            .collect();
+        (values, labels)
+    }
+
+    #[test]
+    fn ranks_match_a_direct_count_over_the_row() {
+        let width = 61;
+        let (values, labels) = tied_rows(200, width);
+        for (row, &y) in values.chunks(width).zip(&labels) {
+            let y = y as usize;
+            let t = row[y];
+            let nan = row.iter().any(|v| v.is_nan());
+            // The definitions, one comparison at a time.
+            let position = (0..width)
+                .filter(|&j| row[j] > t || (row[j] == t && j < y))
+                .count();
+            let greater = (0..width).filter(|&j| j != y && row[j] > t).count();
+            let equal = (0..width).filter(|&j| j != y && row[j] == t).count();
+            let rank = 1.0 + greater as f64 + 0.5 * equal as f64;
+            let top3 = row_score(&Metric::TopK(3), row, y, &[]);
+            let mrr = row_score(&Metric::Mrr, row, y, &[]);
+            if nan {
+                assert!(top3.is_nan() && mrr.is_nan());
+            } else {
+                assert_eq!(top3, f64::from(u8::from(position < 3)));
+                assert_eq!(mrr, 1.0 / rank);
+            }
+        }
+    }
+
+    #[test]
+    fn one_large_batch_scores_like_single_rows() {
+        // 400 × 120 values: over PARALLEL_VALUES, so the large batch's rows are scored
+        // in parallel and single rows are not.
+        let (rows, width) = (400, 120);
+        assert!(rows * width >= PARALLEL_VALUES);
+        let (values, classes) = tied_rows(rows, width);
+        let labels = Labels::Classes(classes);
+        for metric in [
+            Metric::Accuracy,
+            Metric::TopK(5),
+            Metric::Mrr,
+            Metric::CrossEntropy,
+        ] {
+            let mut whole = Accumulator::new(&metric, Some(&labels), None);
+            whole.update(&values, &[rows, width], 0, rows).unwrap();
+            let mut single = Accumulator::new(&metric, Some(&labels), None);
+            for (r, row) in values.chunks(width).enumerate() {
+                single.update(row, &[1, width], r, 1).unwrap();
+            }
+            // NaN rows make both NaN; compare the rows without them too.
+            assert_eq!(
+                whole.finish().to_bits(),
+                single.finish().to_bits(),
+                "{metric:?}"
+            );
+            let clean: Vec<f32> = values
+                .iter()
+                .map(|v| if v.is_nan() { 0.0 } else { *v })
+                .collect();
+            let mut whole = Accumulator::new(&metric, Some(&labels), None);
+            whole.update(&clean, &[rows, width], 0, rows).unwrap();
+            let mut single = Accumulator::new(&metric, Some(&labels), None);
+            for (r, row) in clean.chunks(width).enumerate() {
+                single.update(row, &[1, width], r, 1).unwrap();
+            }
+            assert!(whole.finish().is_finite(), "{metric:?}");
+            assert_eq!(
+                whole.finish().to_bits(),
+                single.finish().to_bits(),
+                "{metric:?}"
+            );
+        }
+    }
+
     #[test]
     fn accumulates_mse_mae_and_output_means() {
         let labels = Labels::Values {
@@ -382,5 +554,8 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("label 3 of row 0"), "{err}");
+        // An output with no values per row is an error, not a panic.
+        let err = acc.update(&[], &[1, 0], 0, 1).unwrap_err().to_string();
+        assert!(err.contains("no values per row"), "{err}");
     }
 }

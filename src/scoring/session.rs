@@ -635,7 +635,7 @@ impl OnnxScorer {
             let value = b.outputs.get(output.as_str()).ok_or_else(|| {
                 Error::Runtime(format!("the model did not produce output `{output}`"))
             })?;
-            let (shape, values) = output_f32(value)?;
+            let (mut shape, values) = output_f32(value)?;
             if b.padded.is_some() && values.len() == 1 {
                 return Err(Error::Metric(format!(
                     "output `{output}` is one value per batch, but the model's fixed batch size {batch} \
@@ -644,16 +644,13 @@ impl OnnxScorer {
                     data.rows
                 )));
             }
-            let (shape, values) = match b.padded {
-                Some(_) if shape.first().is_some_and(|&d| d > b.rows) => {
-                    let width = values.len() / shape[0];
-                    let mut s = shape.clone();
-                    s[0] = b.rows;
-                    (s, values[..b.rows * width].to_vec())
-                }
-                _ => (shape, values),
-            };
-            acc.update(&values, &shape, b.start, b.rows)
+            let mut values: &[f32] = &values;
+            // A padded batch: only its real rows count.
+            if b.padded.is_some() && shape.first().is_some_and(|&d| d > b.rows) {
+                values = &values[..b.rows * (values.len() / shape[0])];
+                shape[0] = b.rows;
+            }
+            acc.update(values, &shape, b.start, b.rows)
         })?;
         Ok(acc.finish())
     }
@@ -850,13 +847,14 @@ fn owned_value(arr: Array) -> Result<DynValue> {
     })
 }
 
-/// The output as `f32` values with its shape (f16, bf16 and f64 outputs are converted).
-pub(crate) fn output_f32(value: &DynValue) -> Result<(Vec<usize>, Vec<f32>)> {
+/// The output as `f32` values with its shape: an f32 output as it is, f16, bf16 and f64
+/// outputs converted.
+pub(crate) fn output_f32(value: &DynValue) -> Result<(Vec<usize>, Cow<'_, [f32]>)> {
     fn shape_of(s: &[i64]) -> Vec<usize> {
         s.iter().map(|&d| d.max(0) as usize).collect()
     }
     if let Ok((s, v)) = value.try_extract_tensor::<f32>() {
-        return Ok((shape_of(s), v.to_vec()));
+        return Ok((shape_of(s), Cow::Borrowed(v)));
     }
     if let Ok((s, v)) = value.try_extract_tensor::<f64>() {
         return Ok((shape_of(s), v.iter().map(|&x| x as f32).collect()));
