@@ -25,8 +25,8 @@ pub enum Level {
     Baseline,
     /// AVX2 and F16C (256-bit registers; one instruction widens eight f16 values).
     Avx2,
-    /// AVX-512 F, BW, DQ and VL (512-bit registers; mask registers make the bf16 and f16
-    /// rounding cheap).
+    /// AVX-512 F, BW, DQ and VL, with AVX2 and F16C (512-bit registers; mask registers
+    /// make the bf16 and f16 rounding cheap).
     Avx512,
 }
 
@@ -120,11 +120,11 @@ unsafe fn with_avx2<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
 
-/// Widens the little-endian f16 values in `bytes` (any alignment; two bytes for each
-/// element of `out`) into `out`, exactly, with F16C where [`Level::active`] has it (AVX2
-/// and up), and says whether it did: with `false` nothing was written and the caller
-/// widens with portable code. A NaN keeps its sign and payload and comes out quiet, as
-/// `vcvtph2ps` makes it.
+/// Widens the first `min(out.len(), bytes.len() / 2)` little-endian f16 values in
+/// `bytes` (any alignment) into `out`, exactly, with F16C where [`Level::active`] has it
+/// (AVX2 and up), and says whether it did: with `false` nothing was written and the
+/// caller widens with portable code. A NaN keeps its sign and payload and comes out
+/// quiet, as `vcvtph2ps` makes it.
 ///
 /// Inside `simd`'s AVX2 and AVX-512 functions the F16C loop is inlined; elsewhere it is a
 /// call per slice, so callers pass blocks of a few hundred values or more.
@@ -132,16 +132,18 @@ unsafe fn with_avx2<R>(f: impl FnOnce() -> R) -> R {
 pub(crate) fn widen_f16(bytes: &[u8], out: &mut [f32]) -> bool {
     #[cfg(target_arch = "x86_64")]
     if Level::active() >= Level::Avx2 {
+        let n = out.len().min(bytes.len() / 2);
         // SAFETY: `active` never exceeds what `detect` found, and `detect` reports AVX2
         // or AVX-512 only where the CPU has AVX2 and F16C.
-        unsafe { widen_f16_f16c(bytes, out) };
+        unsafe { widen_f16_f16c(&bytes[..2 * n], &mut out[..n]) };
         return true;
     }
     let _ = (bytes, out);
     false
 }
 
-/// [`widen_f16`]'s F16C loop: eight values per instruction, the last few one at a time.
+/// [`widen_f16`]'s F16C loop over `bytes.len() / 2 == out.len()` values: eight per
+/// instruction, the last few one at a time.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,f16c")]
 #[inline]

@@ -317,12 +317,13 @@ impl Feeder {
                 let weights = fed
                     .into_iter()
                     .map(|f| {
+                        let name = Cow::Borrowed(f.name);
                         let value = if *bind_weights {
                             SessionInputValue::from(f.copy()?)
                         } else {
                             f.view()?
                         };
-                        Ok((Cow::Borrowed(f.name), value))
+                        Ok((name, value))
                     })
                     .collect::<Result<Vec<_>>>()?;
                 if *bind_weights {
@@ -348,12 +349,12 @@ impl Feeder {
                 }
                 // The session keeps its initializers: owned copies.
                 for f in fed {
+                    let name = f.name;
                     builder = builder
-                        .with_external_initializer(f.name, Arc::new(f.copy()?))
+                        .with_external_initializer(name, Arc::new(f.copy()?))
                         .map_err(|e| {
                             Error::Runtime(format!(
-                                "cannot give the model's initializer `{}` its value: {e}",
-                                f.name
+                                "cannot give the model's initializer `{name}` its value: {e}"
                             ))
                         })?;
                 }
@@ -725,8 +726,8 @@ fn aligned(bytes: &[u8], align: usize) -> bool {
     (bytes.as_ptr() as usize).is_multiple_of(align)
 }
 
-/// The bytes bound weight of type `elem` with `n` elements is fed from: the candidate's
-/// own `bytes` or the scratch buffer [`prepare`] filled.
+/// Where a bound weight's values are fed from (`n` elements of type `elem`): the
+/// candidate's own `bytes`, or the scratch buffer that [`prepare`] filled.
 fn fed_bytes<'a>(
     elem: ElemType,
     n: usize,
@@ -777,8 +778,8 @@ macro_rules! with_elem_type {
 
 impl<'a> Fed<'a> {
     /// A tensor over the bytes, without a copy.
-    fn view(&self) -> Result<SessionInputValue<'a>> {
-        let (shape, bytes) = (self.shape.clone(), self.bytes);
+    fn view(self) -> Result<SessionInputValue<'a>> {
+        let (shape, bytes) = (self.shape, self.bytes);
         with_elem_type!(self.elem, T => {
             let values = bytemuck::cast_slice::<u8, T>(bytes);
             Ok(SessionInputValue::from(
@@ -788,8 +789,8 @@ impl<'a> Fed<'a> {
     }
 
     /// A tensor holding a copy of the values.
-    fn copy(&self) -> Result<DynValue> {
-        let shape = self.shape.clone();
+    fn copy(self) -> Result<DynValue> {
+        let shape = self.shape;
         with_elem_type!(self.elem, T => {
             let values = bytemuck::cast_slice::<u8, T>(self.bytes).to_vec();
             Ok(Tensor::<T>::from_array((shape, values))?.into_dyn())

@@ -278,8 +278,8 @@ pub(crate) fn zip_values(dtype: DType, bytes: &[u8], acc: &mut [f64], f: impl Fn
         DType::F16 => {
             let mut wide = [0f32; F16_BLOCK];
             for (acc, bytes) in acc.chunks_mut(F16_BLOCK).zip(bytes.chunks(2 * F16_BLOCK)) {
-                let wide = f16s_as_f32(bytes, &mut wide[..acc.len()]);
-                each(wide, acc, f32_le, &f);
+                let values = f16s_as_f32(bytes, &mut wide);
+                each(values, acc, f32_le, &f);
             }
         }
         DType::BF16 => each(bytes, acc, |b| f64::from(bf16_le(b)), f),
@@ -291,22 +291,27 @@ pub(crate) fn zip_values(dtype: DType, bytes: &[u8], acc: &mut [f64], f: impl Fn
 /// added (1 KiB a source).
 const F16_BLOCK: usize = 256;
 
-/// The little-endian f16 values in `bytes` widened into `wide` ([`simd::widen_f16`]'s
-/// F16C instruction, or [`f32_from_f16_bits`]: the same values), as `wide`'s bytes.
+/// The little-endian f16 values in `bytes` (as many as `wide` holds) widened into
+/// `wide`, as little-endian f32 bytes (the crate targets little-endian machines only).
 #[inline(always)]
 fn f16s_as_f32<'a>(bytes: &[u8], wide: &'a mut [f32]) -> &'a [u8] {
-    widen_f16s(bytes, wide);
-    bytemuck::cast_slice(wide)
+    let n = widen_f16s(bytes, wide);
+    bytemuck::cast_slice(&wide[..n])
 }
 
-/// The little-endian f16 values in `bytes` widened into `out`, exactly.
+/// The first `n = min(out.len(), bytes.len() / 2)` little-endian f16 values of `bytes`
+/// widened exactly into `out` ([`simd::widen_f16`]'s F16C instruction, or
+/// [`f32_from_f16_bits`]: the same values); returns `n`.
 #[inline(always)]
-fn widen_f16s(bytes: &[u8], out: &mut [f32]) {
+fn widen_f16s(bytes: &[u8], out: &mut [f32]) -> usize {
+    let n = out.len().min(bytes.len() / 2);
+    let (bytes, out) = (&bytes[..2 * n], &mut out[..n]);
     if !simd::widen_f16(bytes, out) {
         for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
             *o = f16_le([c[0], c[1]]);
         }
     }
+    n
 }
 
 /// `acc[i] = f(f(f(f(acc[i], a_i), b_i), c_i), d_i)` for the little-endian float values
@@ -355,16 +360,20 @@ pub(crate) fn zip_values4(
         DType::F64 => each(sources, acc, start, f64::from_le_bytes, f),
         DType::F16 => {
             let ([a, b, c, d], [wa, wb, wc, wd]) = (sources, &mut [[0f32; F16_BLOCK]; 4]);
-            for (j, acc) in acc.chunks_mut(F16_BLOCK).enumerate() {
-                let (at, n) = (2 * j * F16_BLOCK, acc.len());
-                let at = at..at + 2 * n;
-                let wide = [
-                    f16s_as_f32(&a[at.clone()], &mut wa[..n]),
-                    f16s_as_f32(&b[at.clone()], &mut wb[..n]),
-                    f16s_as_f32(&c[at.clone()], &mut wc[..n]),
-                    f16s_as_f32(&d[at], &mut wd[..n]),
+            let blocks = acc
+                .chunks_mut(F16_BLOCK)
+                .zip(a.chunks(2 * F16_BLOCK))
+                .zip(b.chunks(2 * F16_BLOCK))
+                .zip(c.chunks(2 * F16_BLOCK))
+                .zip(d.chunks(2 * F16_BLOCK));
+            for ((((acc, a), b), c), d) in blocks {
+                let values = [
+                    f16s_as_f32(a, wa),
+                    f16s_as_f32(b, wb),
+                    f16s_as_f32(c, wc),
+                    f16s_as_f32(d, wd),
                 ];
-                each(wide, acc, start, f32_le, &f);
+                each(values, acc, start, f32_le, &f);
             }
         }
         DType::BF16 => each(sources, acc, start, |b| f64::from(bf16_le(b)), f),
@@ -426,41 +435,40 @@ fn convert<T: Send>(
 pub fn to_f32(from: DType, bytes: &[u8], out: &mut [f32]) {
     match from {
         // Exact in f32 directly: no f64 step.
-        DType::F16 => out
-            .par_chunks_mut(PAR_CHUNK)
-            .zip(bytes.par_chunks(2 * PAR_CHUNK))
-            .for_each(|(o, b)| {
-                simd(
-                    #[inline(always)]
-                    || widen_f16s(b, o),
-                )
-            }),
-        DType::BF16 => widen(bytes, out, bf16_le),
+        DType::F16 => widen::<2, _>(bytes, out, |b, o| {
+            widen_f16s(b, o);
+        }),
+        DType::BF16 => widen::<2, _>(bytes, out, |b, o| each_value(b, o, bf16_le)),
         _ => convert(from, bytes, out, f32_slice_from_f64),
     }
 }
 
-/// `out[i] = decode(element i of bytes)` for `N`-byte elements, in parallel chunks,
-/// vectorised.
+/// `widen(chunk of bytes, chunk of out)` over parallel chunks of `out` and the `N`-byte
+/// elements of `bytes` they correspond to, at the widest vector level.
+#[inline(always)]
 fn widen<const N: usize, T: Send>(
     bytes: &[u8],
     out: &mut [T],
-    decode: impl Fn([u8; N]) -> T + Sync,
+    widen: impl Fn(&[u8], &mut [T]) + Sync,
 ) {
     out.par_chunks_mut(PAR_CHUNK)
         .zip(bytes.par_chunks(PAR_CHUNK * N))
         .for_each(|(o, b)| {
             simd(
                 #[inline(always)]
-                || {
-                    for (o, c) in o.iter_mut().zip(b.chunks_exact(N)) {
-                        let mut e = [0u8; N];
-                        e.copy_from_slice(c);
-                        *o = decode(e);
-                    }
-                },
+                || widen(b, o),
             )
         });
+}
+
+/// `out[i] = decode(element i of bytes)` for `N`-byte elements (vectorises).
+#[inline(always)]
+fn each_value<const N: usize, T>(bytes: &[u8], out: &mut [T], decode: impl Fn([u8; N]) -> T) {
+    for (o, c) in out.iter_mut().zip(bytes.chunks_exact(N)) {
+        let mut e = [0u8; N];
+        e.copy_from_slice(c);
+        *o = decode(e);
+    }
 }
 
 /// Converts little-endian float bytes of `from` into `f16` values (round to nearest-even).
@@ -617,7 +625,7 @@ mod tests {
             .collect();
         let mut out = vec![0f32; portable.len()];
         let used = simd::widen_f16(bytes, &mut out);
-        assert_eq!(used, simd::Level::detected() >= simd::Level::Avx2);
+        assert_eq!(used, simd::Level::active() >= simd::Level::Avx2);
         if used {
             for (i, (o, p)) in out.iter().zip(&portable).enumerate() {
                 assert_eq!(o.to_bits(), *p, "f16 {i:#x}");
@@ -626,6 +634,21 @@ mod tests {
         let mut via = vec![0f32; portable.len()];
         to_f32(DType::F16, bytes, &mut via);
         assert!(via.iter().zip(&portable).all(|(v, p)| v.to_bits() == *p));
+    }
+
+    #[test]
+    fn f16_values_update_only_the_sums_they_cover() {
+        // Five f16 ones against eight sums (the kernels' contract for any float type:
+        // the shorter side decides), at the current vector level.
+        let bytes: Vec<u8> = (0..5)
+            .flat_map(|_| f16::ONE.to_bits().to_le_bytes())
+            .collect();
+        let mut acc = [7.0f64; 8];
+        zip_values(DType::F16, &bytes, &mut acc, |a, x| *a += x);
+        assert_eq!(acc, [8.0, 8.0, 8.0, 8.0, 8.0, 7.0, 7.0, 7.0]);
+        let mut acc = [7.0f64; 8];
+        zip_values4(DType::F16, [&bytes; 4], &mut acc, false, |a, x| a + x);
+        assert_eq!(acc, [11.0, 11.0, 11.0, 11.0, 11.0, 7.0, 7.0, 7.0]);
     }
 
     /// Values on, between and next to every 16-bit float: each one itself, the midpoint to
