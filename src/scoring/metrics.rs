@@ -170,7 +170,7 @@ impl<'a> Accumulator<'a> {
                     )));
                 }
                 let abs = matches!(metric, Metric::Mae);
-                each_row(output, width, |r, row| {
+                each_row(output, width, 4, |r, row| {
                     let global = start + r;
                     let target = &values[global * width..(global + 1) * width];
                     row.iter()
@@ -195,7 +195,7 @@ impl<'a> Accumulator<'a> {
                     )));
                 }
                 let abs = matches!(metric, Metric::Mae);
-                each_row(output, width, |r, row| {
+                each_row(output, width, 4, |r, row| {
                     let d = f64::from(row[0]) - c[start + r] as f64;
                     if abs {
                         d.abs()
@@ -214,7 +214,12 @@ impl<'a> Accumulator<'a> {
                     }
                 }
                 let filter = self.filter;
-                each_row(output, width, |r, row| {
+                let cost = if *metric == Metric::CrossEntropy {
+                    32
+                } else {
+                    1
+                };
+                each_row(output, width, cost, |r, row| {
                     let global = start + r;
                     let filtered = filter.map(|f| f.row(global)).unwrap_or(&[]);
                     row_score(metric, row, c[global] as usize, filtered)
@@ -245,15 +250,22 @@ impl<'a> Accumulator<'a> {
     }
 }
 
-/// Batches with at least this many output values are scored on every thread.
-const PARALLEL_VALUES: usize = 1 << 15;
+/// Batches with at least this much work (output values × their relative cost) are scored
+/// on every thread; below it, handing rows to threads costs more than it saves (a
+/// comparison of a value takes well under a nanosecond, an `exp` some nanoseconds).
+const PARALLEL_WORK: usize = 1 << 18;
 
 /// `score(r, row r)` for each row of the `width`-wide rows of `output`, in row order;
-/// the rows of large batches are scored in parallel (each row's score does not depend
-/// on the threads).
-fn each_row(output: &[f32], width: usize, score: impl Fn(usize, &[f32]) -> f64 + Sync) -> Vec<f64> {
+/// the rows of large batches (by `cost`, the work per value relative to a comparison) are
+/// scored in parallel (each row's score does not depend on the threads).
+fn each_row(
+    output: &[f32],
+    width: usize,
+    cost: usize,
+    score: impl Fn(usize, &[f32]) -> f64 + Sync,
+) -> Vec<f64> {
     let rows = output.chunks_exact(width);
-    if output.len() >= PARALLEL_VALUES {
+    if output.len().saturating_mul(cost) >= PARALLEL_WORK {
         let rows = output.par_chunks_exact(width);
         rows.enumerate().map(|(r, row)| score(r, row)).collect()
     } else {
@@ -480,10 +492,10 @@ mod tests {
 
     #[test]
     fn one_large_batch_scores_like_single_rows() {
-        // 400 × 120 values: over PARALLEL_VALUES, so the large batch's rows are scored
-        // in parallel and single rows are not.
-        let (rows, width) = (400, 120);
-        assert!(rows * width >= PARALLEL_VALUES);
+        // 600 × 450 values: over PARALLEL_WORK, so the large batch's rows are scored in
+        // parallel and single rows are not.
+        let (rows, width) = (600, 450);
+        assert!(rows * width >= PARALLEL_WORK && width < PARALLEL_WORK / 32);
         let (values, classes) = tied_rows(rows, width);
         let labels = Labels::Classes(classes);
         for metric in [
