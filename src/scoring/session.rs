@@ -860,11 +860,17 @@ pub(crate) fn output_f32(value: &DynValue) -> Result<(Vec<usize>, Cow<'_, [f32]>
     if let Ok((s, v)) = value.try_extract_tensor::<f64>() {
         return Ok((shape_of(s), v.iter().map(|&x| x as f32).collect()));
     }
+    // Half-precision outputs widened by the vectorised conversions (exact).
+    let widened = |dtype: DType, bytes: &[u8]| {
+        let mut out = vec![0f32; bytes.len() / 2];
+        crate::storage::dtype::to_f32(dtype, bytes, &mut out);
+        Cow::Owned(out)
+    };
     if let Ok((s, v)) = value.try_extract_tensor::<f16>() {
-        return Ok((shape_of(s), v.iter().map(|x| x.to_f32()).collect()));
+        return Ok((shape_of(s), widened(DType::F16, bytemuck::cast_slice(v))));
     }
     if let Ok((s, v)) = value.try_extract_tensor::<bf16>() {
-        return Ok((shape_of(s), v.iter().map(|x| x.to_f32()).collect()));
+        return Ok((shape_of(s), widened(DType::BF16, bytemuck::cast_slice(v))));
     }
     Err(Error::Metric(format!(
         "the metric's output has type {:?}; expected a floating-point tensor",
