@@ -2,7 +2,8 @@
 //! level the CPU supports (baseline, AVX2, AVX-512): means, EMAs and ASWA's running sum,
 //! and the conversions that bind a checkpoint to a model of another float type, for every
 //! float dtype, on ordinary values and on the edge cases (zeros, subnormals, ties,
-//! infinities, NaN, values near overflow). On a CPU without AVX2 only the baseline runs.
+//! infinities, NaN, values near overflow); and the ranking metrics' per-row scores, whose
+//! counting loops run at the vector level. On a CPU without AVX2 only the baseline runs.
 //!
 //! The levels differ only in optimised builds (without optimisation nothing is
 //! vectorised): `scripts/test.sh` runs this test with `--release` too.
@@ -12,6 +13,7 @@
 use std::path::Path;
 
 use aswa_merge::averaging::{Accumulator, Candidate, Recipe, Weights};
+use aswa_merge::scoring::{metrics, Metric};
 use aswa_merge::simd::{limit, Level};
 use aswa_merge::storage::{dtype, CheckpointSet, CheckpointSource};
 use half::{bf16, f16};
@@ -139,7 +141,46 @@ fn results_at(set: &CheckpointSet) -> Vec<Vec<u8>> {
         out.push(bytemuck::cast_slice(&bf16s).to_vec());
         out.push(bytemuck::cast_slice(&f64s).to_vec());
     }
+    out.push(metric_scores());
     out
+}
+
+/// The ranking metrics' per-row scores (their counting loops run at the vector level) on
+/// rows of ties, signed zeros, infinities and some NaN, of widths that are not a multiple
+/// of any vector width.
+fn metric_scores() -> Vec<u8> {
+    const VALUES: [f32; 7] = [f32::NEG_INFINITY, -1.0, -0.0, 0.0, 0.5, 1.0, f32::INFINITY];
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let mut scores = Vec::new();
+    for width in [1usize, 7, 37, 1000, 4099] {
+        for _ in 0..40 {
+            // NaN rarely: most rows must give a rank.
+            let row: Vec<f32> = (0..width)
+                .map(|_| match rng.next() % 512 {
+                    0 => f32::NAN,
+                    r => VALUES[(r % 7) as usize],
+                })
+                .collect();
+            let y = (rng.next() % width as u64) as usize;
+            // Sorted and distinct, as filter rows are; the true candidate is ignored.
+            let filtered: Vec<i64> = [0, width / 2].map(|j| j as i64).into_iter().collect();
+            let filtered = if width > 1 {
+                &filtered[..]
+            } else {
+                &filtered[..1]
+            };
+            for metric in [
+                Metric::Accuracy,
+                Metric::TopK(3),
+                Metric::Mrr,
+                Metric::HitsAt(10),
+            ] {
+                let score = metrics::row_score(&metric, &row, y, filtered);
+                scores.extend(score.to_bits().to_le_bytes());
+            }
+        }
+    }
+    scores
 }
 
 #[test]

@@ -251,8 +251,10 @@ impl<'a> Accumulator<'a> {
 }
 
 /// Batches with at least this much work (output values × their relative cost) are scored
-/// on every thread; below it, handing rows to threads costs more than it saves (a
-/// comparison of a value takes well under a nanosecond, an `exp` some nanoseconds).
+/// on every thread; below it, handing rows to threads costs more than it saves. Costs
+/// relative to a comparison (vectorised, well under a nanosecond a value): 4 for an
+/// error term (f64 widening, subtraction, square or absolute value, sum; not
+/// vectorised), 32 for cross-entropy's `f64` `exp` (some nanoseconds).
 const PARALLEL_WORK: usize = 1 << 18;
 
 /// `score(r, row r)` for each row of the `width`-wide rows of `output`, in row order;
@@ -289,18 +291,26 @@ impl Tally {
     fn of(row: &[f32], y: usize) -> Option<Self> {
         let t = row[y];
         let (before, after) = (count(&row[..y], t), count(&row[y + 1..], t));
-        (!(t.is_nan() || before.2 || after.2)).then_some(Tally {
-            greater: before.0 + after.0,
-            equal: before.1 + after.1,
-            equal_before: before.1,
+        (!(t.is_nan() || before.nan || after.nan)).then_some(Tally {
+            greater: before.greater + after.greater,
+            equal: before.equal + after.equal,
+            equal_before: before.equal,
         })
     }
+}
+
+/// How a slice of values compares with one value.
+struct Counts {
+    greater: usize,
+    equal: usize,
+    /// Whether one of the values is NaN.
+    nan: bool,
 }
 
 /// How many of `values` are greater than `t`, how many equal, and whether one is NaN:
 /// branch-free with 32-bit counters (per block of 2³¹ values), so that the loop
 /// vectorises at the widest level ([`simd`]).
-fn count(values: &[f32], t: f32) -> (usize, usize, bool) {
+fn count(values: &[f32], t: f32) -> Counts {
     simd(
         #[inline(always)]
         || {
@@ -314,7 +324,11 @@ fn count(values: &[f32], t: f32) -> (usize, usize, bool) {
                 }
                 (greater, equal, nan) = (greater + g as usize, equal + e as usize, nan | n);
             }
-            (greater, equal, nan)
+            Counts {
+                greater,
+                equal,
+                nan,
+            }
         },
     )
 }
@@ -354,8 +368,9 @@ pub fn row_score(metric: &Metric, row: &[f32], y: usize, filtered: &[i64]) -> f6
     }
 }
 
-/// `1 + #{scores > true} + ½·#{other scores = true}`, leaving out `filtered` candidates;
-/// NaN if the row holds a NaN.
+/// `1 + #{scores > true} + ½·#{other scores = true}`, leaving out `filtered` candidates
+/// (distinct indices, as [`Filter`] rows are; the true candidate and indices outside the
+/// row are ignored); NaN if the row holds a NaN.
 pub fn realistic_rank(row: &[f32], y: usize, filtered: &[i64]) -> f64 {
     match Tally::of(row, y) {
         Some(tally) => rank_from(tally, row, y, filtered),
@@ -371,15 +386,20 @@ fn rank_from(tally: Tally, row: &[f32], y: usize, filtered: &[i64]) -> f64 {
         mut equal,
         ..
     } = tally;
+    debug_assert!(
+        filtered.windows(2).all(|w| w[0] < w[1]),
+        "filtered candidates must be sorted and distinct"
+    );
     for &f in filtered {
         let Ok(j) = usize::try_from(f) else { continue };
         if j == y || j >= row.len() {
             continue;
         }
+        // Saturating: a repeated index (against the contract) cannot wrap the count.
         if row[j] > t {
-            greater -= 1;
+            greater = greater.saturating_sub(1);
         } else if row[j] == t {
-            equal -= 1;
+            equal = equal.saturating_sub(1);
         }
     }
     1.0 + greater as f64 + 0.5 * equal as f64
@@ -492,46 +512,51 @@ mod tests {
 
     #[test]
     fn one_large_batch_scores_like_single_rows() {
-        // 600 × 450 values: over PARALLEL_WORK, so the large batch's rows are scored in
-        // parallel and single rows are not.
-        let (rows, width) = (600, 450);
-        assert!(rows * width >= PARALLEL_WORK && width < PARALLEL_WORK / 32);
+        // 1000 × 450 values: well over PARALLEL_WORK, so the large batch's rows are
+        // scored in parallel, and single rows (even for cross-entropy) are not.
+        let (rows, width) = (1000, 450);
+        assert!(rows * width >= PARALLEL_WORK && width * 32 < PARALLEL_WORK);
         let (values, classes) = tied_rows(rows, width);
-        let labels = Labels::Classes(classes);
-        for metric in [
-            Metric::Accuracy,
-            Metric::TopK(5),
-            Metric::Mrr,
-            Metric::CrossEntropy,
-        ] {
-            let mut whole = Accumulator::new(&metric, Some(&labels), None);
-            whole.update(&values, &[rows, width], 0, rows).unwrap();
-            let mut single = Accumulator::new(&metric, Some(&labels), None);
-            for (r, row) in values.chunks(width).enumerate() {
-                single.update(row, &[1, width], r, 1).unwrap();
+        let clean: Vec<f32> = values
+            .iter()
+            .map(|v| if v.is_nan() { 0.0 } else { *v })
+            .collect();
+        let classes = Labels::Classes(classes);
+        let targets = Labels::Values {
+            values: clean.iter().rev().map(|&v| f64::from(v) * 0.5).collect(),
+            per_row: width,
+        };
+        // Every row filters a few other candidates (sorted, distinct, some past the row).
+        let indices: Vec<i64> = (0..rows)
+            .flat_map(|r| [(r % 7) as i64, (r % 7 + 9) as i64, width as i64 + 3])
+            .collect();
+        let filter = Filter {
+            indptr: (0..=rows).map(|r| 3 * r).collect(),
+            indices,
+        };
+        let cases = [
+            (Metric::Accuracy, &classes, None),
+            (Metric::TopK(5), &classes, None),
+            (Metric::Mrr, &classes, None),
+            (Metric::Mrr, &classes, Some(&filter)),
+            (Metric::HitsAt(3), &classes, Some(&filter)),
+            (Metric::CrossEntropy, &classes, None),
+            (Metric::Mse, &targets, None),
+            (Metric::Mae, &targets, None),
+        ];
+        for (metric, labels, filter) in cases {
+            // With NaN rows (both NaN) and without (finite): the same bits either way.
+            for (data, finite) in [(&values, false), (&clean, true)] {
+                let mut whole = Accumulator::new(&metric, Some(labels), filter);
+                whole.update(data, &[rows, width], 0, rows).unwrap();
+                let mut single = Accumulator::new(&metric, Some(labels), filter);
+                for (r, row) in data.chunks(width).enumerate() {
+                    single.update(row, &[1, width], r, 1).unwrap();
+                }
+                let (w, s) = (whole.finish(), single.finish());
+                assert_eq!(w.is_finite(), finite, "{metric:?} {filter:?}");
+                assert_eq!(w.to_bits(), s.to_bits(), "{metric:?} {filter:?}");
             }
-            // NaN rows make both NaN; compare the rows without them too.
-            assert_eq!(
-                whole.finish().to_bits(),
-                single.finish().to_bits(),
-                "{metric:?}"
-            );
-            let clean: Vec<f32> = values
-                .iter()
-                .map(|v| if v.is_nan() { 0.0 } else { *v })
-                .collect();
-            let mut whole = Accumulator::new(&metric, Some(&labels), None);
-            whole.update(&clean, &[rows, width], 0, rows).unwrap();
-            let mut single = Accumulator::new(&metric, Some(&labels), None);
-            for (r, row) in clean.chunks(width).enumerate() {
-                single.update(row, &[1, width], r, 1).unwrap();
-            }
-            assert!(whole.finish().is_finite(), "{metric:?}");
-            assert_eq!(
-                whole.finish().to_bits(),
-                single.finish().to_bits(),
-                "{metric:?}"
-            );
         }
     }
 

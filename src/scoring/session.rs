@@ -636,8 +636,8 @@ impl OnnxScorer {
             let value = b.outputs.get(output.as_str()).ok_or_else(|| {
                 Error::Runtime(format!("the model did not produce output `{output}`"))
             })?;
-            let (mut shape, values) = output_f32(value)?;
-            if b.padded.is_some() && values.len() == 1 {
+            let (mut shape, out) = output_f32(value)?;
+            if b.padded.is_some() && out.len() == 1 {
                 return Err(Error::Metric(format!(
                     "output `{output}` is one value per batch, but the model's fixed batch size {batch} \
                      does not divide the {} validation rows, so the last batch would be padded and the \
@@ -645,7 +645,7 @@ impl OnnxScorer {
                     data.rows
                 )));
             }
-            let mut values: &[f32] = &values;
+            let mut values: &[f32] = &out;
             // A padded batch: only its real rows count.
             if b.padded.is_some() && shape.first().is_some_and(|&d| d > b.rows) {
                 values = &values[..b.rows * (values.len() / shape[0])];
