@@ -250,6 +250,24 @@ def main() -> int:
                 p(f"\n{name} (perf record -F 499, CPU samples of all threads):\n```\n{open(fp).read().rstrip()}\n```")
         p("")
 
+    # 3c. Wide outputs.
+    wide = [r for r in recs if r.get("group") == "wide" and "run_seconds" in r]
+    if wide:
+        p("## 3c. Wide outputs: time outside ONNX Runtime's forward passes\n")
+        p(f"A model with thousands of classes ({wide[0].get('n')} checkpoints, {wide[0].get('params')} "
+          "parameters), where the metric compares every output value with the true one; "
+          "outside = total wall − Σ Run, as in section 3.\n")
+        p("| metric | median wall s | runs (wall s) | median Σ Run s | median outside / total |")
+        p("|---|---|---|---|---|")
+        by = {}
+        for r in wide:
+            by.setdefault(r["variant"], []).append(r)
+        for metric, rs in by.items():
+            p(f"| {metric} | {fmt(med([r['wall'] for r in rs]))} | {', '.join(fmt(r['wall']) for r in rs)} | "
+              f"{fmt(med([r['run_seconds'] for r in rs]))} | "
+              f"{fmt(100 * med([(r['wall'] - r['run_seconds']) / r['wall'] for r in rs]), '.1f')}% |")
+        p("")
+
     # 5. Scaling.
     sc = [r for r in recs if r.get("group") == "scale"]
     ref = [r for r in recs if r.get("group") == "e2e" and r.get("variant") == "rust" and "n" in r]

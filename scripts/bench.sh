@@ -14,7 +14,7 @@
 #   BENCH_REPS       repetitions of each timed command; figures are medians (default 3,
 #                    1 with --quick)
 #   BENCH_DIR        where data and results go (default target/bench, git-ignored)
-#   BENCH_SKIP       comma-separated sections to skip: averaging,e2e,cnn,extra,perf,scale,rss
+#   BENCH_SKIP       comma-separated sections to skip: averaging,e2e,cnn,wide,extra,perf,scale,rss
 #
 # Results: $BENCH_DIR/results/{results.jsonl,averaging.jsonl,summary.md,logs/}.
 set -euo pipefail
@@ -93,8 +93,9 @@ if [ "$QUICK" = 1 ]; then
   "${MAKE[@]}" "$DIR/q-many" --hidden 1024,1024,512 --n 20 --rows 128 --subsets 5
   "${MAKE[@]}" "$DIR/q-huge" --in 1024 --hidden 4096,4096,4096 --n 3 --rows 64
   "${MAKE[@]}" "$DIR/q-cnn" --arch cnn --channels 16,32 --n 4 --rows 256
+  "${MAKE[@]}" "$DIR/q-wide" --in 64 --hidden 256 --classes 5000 --n 4 --rows 512
   E2E="$DIR/q-e2e"; SMALL="$DIR/q-small"; LARGE="$DIR/q-large"; MANYD="$DIR/q-many"; HUGE="$DIR/q-huge"
-  CNN="$DIR/q-cnn"
+  CNN="$DIR/q-cnn"; WIDE="$DIR/q-wide"
   SCALE_N_SET="$E2E"; SIZE_N=6; SIZE_VAL=val.npz
 else
   E2E_N=20; E2E_ROWS=5000; VAL_ROWS=1000,2500; N_AXIS="5 10"; MANY=100; FEW=10
@@ -104,8 +105,9 @@ else
   "${MAKE[@]}" "$DIR/many" --n 100 --rows 512 --subsets 10
   "${MAKE[@]}" "$DIR/huge" --in 1024 --hidden 8192,8192,8192,8192,8192 --n 3 --rows 64
   "${MAKE[@]}" "$DIR/cnn" --arch cnn --channels 32,64,128 --n 10 --rows 1000
+  "${MAKE[@]}" "$DIR/wide" --in 64 --hidden 256 --classes 20000 --n 10 --rows 2000
   E2E="$DIR/e2e"; SMALL="$DIR/small"; LARGE="$DIR/large"; MANYD="$DIR/many"; HUGE="$DIR/huge"
-  CNN="$DIR/cnn"
+  CNN="$DIR/cnn"; WIDE="$DIR/wide"
   SIZE_N=10; SIZE_VAL=val_1000.npz
 fi
 params_of() { "$PYTHON" -c "import json,sys; a=json.load(open(sys.argv[1]+'/.stamp'))
@@ -170,6 +172,24 @@ if ! skip cnn; then
     done
   done
   cp "$TMP/cnn-auto.json" "$RES/cnn_report.json"
+fi
+
+# 3c. Wide outputs: a model with thousands of classes (as knowledge-graph embeddings rank
+# every entity), where the metric compares every output value with the true one; the tool
+# with the timing shim, for a ranking metric and accuracy.
+if ! skip wide; then
+  WIDE_N=$(find -L "$WIDE/checkpoints" -name '*.safetensors' | wc -l)
+  say "3c. wide outputs: aswa-merge on a many-class model ($WIDE_N checkpoints, $REPS repetitions, interleaved)"
+  for r in $(seq "$REPS"); do
+    for metric in mrr accuracy; do
+      # shellcheck disable=SC2046
+      ASWA_BENCH_REAL_ORT="$ORT_DYLIB_PATH" ORT_DYLIB_PATH="$SHIM" \
+        "${MEASURE[@]}" --ort-times --label "wide rust $metric" --tag group=wide --tag variant="$metric" --tag rep="$r" \
+        --tag n="$WIDE_N" --tag params="$(params_of "$WIDE")" \
+        --log "$LOGS/wide-$metric-$r.log" -- \
+        $(rust_cmd "$WIDE" "$WIDE/checkpoints" val.npz "$TMP/wide.safetensors" --metric "$metric")
+    done
+  done
 fi
 
 if ! skip extra && [ "$QUICK" = 0 ]; then
