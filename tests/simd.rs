@@ -183,6 +183,19 @@ fn metric_scores() -> Vec<u8> {
             }
         }
     }
+    // Finite logits (no infinity to make the row's score infinite or NaN), widths around
+    // the 512-value block of cross-entropy's `exp` loop, spreads that reach its clamp.
+    for width in [511usize, 512, 513, 4099] {
+        for spread in [0.5f32, 20.0, 900.0] {
+            let row: Vec<f32> = (0..width)
+                .map(|_| 100.0 + spread * ((rng.next() >> 40) as f32 / (1u64 << 24) as f32 - 0.5))
+                .collect();
+            let y = (rng.next() % width as u64) as usize;
+            let score = metrics::row_score(&Metric::CrossEntropy, &row, y, &[]);
+            assert!(score.is_finite(), "{width} {spread}: {score}");
+            scores.extend(score.to_bits().to_le_bytes());
+        }
+    }
     scores
 }
 
