@@ -162,6 +162,14 @@ impl<'a> Accumulator<'a> {
             Error::Metric(format!("metric `{}` needs labels", self.metric.name()))
         })?;
         let metric = self.metric;
+        // One value's error term for mse (squared) or mae (absolute).
+        let error = |d: f64| {
+            if matches!(metric, Metric::Mae) {
+                d.abs()
+            } else {
+                d * d
+            }
+        };
         let scores = match (metric, labels) {
             (Metric::Mse | Metric::Mae, Labels::Values { values, per_row }) => {
                 if *per_row != width {
@@ -169,20 +177,12 @@ impl<'a> Accumulator<'a> {
                         "the model output has {width} values per row but the labels have {per_row}"
                     )));
                 }
-                let abs = matches!(metric, Metric::Mae);
                 each_row(output, width, 4, |r, row| {
                     let global = start + r;
                     let target = &values[global * width..(global + 1) * width];
                     row.iter()
                         .zip(target)
-                        .map(|(&o, &t)| {
-                            let d = f64::from(o) - t;
-                            if abs {
-                                d.abs()
-                            } else {
-                                d * d
-                            }
-                        })
+                        .map(|(&o, &t)| error(f64::from(o) - t))
                         .sum::<f64>()
                         / width as f64
                 })
@@ -194,14 +194,8 @@ impl<'a> Accumulator<'a> {
                         "integer labels have one value per row but the model output has {width}"
                     )));
                 }
-                let abs = matches!(metric, Metric::Mae);
                 each_row(output, width, 4, |r, row| {
-                    let d = f64::from(row[0]) - c[start + r] as f64;
-                    if abs {
-                        d.abs()
-                    } else {
-                        d * d
-                    }
+                    error(f64::from(row[0]) - c[start + r] as f64)
                 })
             }
             (_, Labels::Classes(c)) => {
