@@ -246,6 +246,12 @@ fn f16_le(b: [u8; 2]) -> f32 {
     f32_from_f16_bits(u16::from_le_bytes(b))
 }
 
+/// A little-endian f32 as an `f64` (exact).
+#[inline(always)]
+fn f32_le_f64(b: [u8; 4]) -> f64 {
+    f64::from(f32::from_le_bytes(b))
+}
+
 /// A little-endian bf16 as an `f32`: bf16 is the upper half of an f32, so widening is a
 /// shift, exact for every value.
 #[inline(always)]
@@ -271,15 +277,14 @@ pub(crate) fn zip_values(dtype: DType, bytes: &[u8], acc: &mut [f64], f: impl Fn
             f(a, decode(b));
         }
     }
-    let f32_le = |b: [u8; 4]| f64::from(f32::from_le_bytes(b));
     match dtype {
-        DType::F32 => each(bytes, acc, f32_le, f),
+        DType::F32 => each(bytes, acc, f32_le_f64, f),
         DType::F64 => each(bytes, acc, f64::from_le_bytes, f),
         DType::F16 => {
             let mut wide = [0f32; F16_BLOCK];
             for (acc, bytes) in acc.chunks_mut(F16_BLOCK).zip(bytes.chunks(2 * F16_BLOCK)) {
                 let values = f16s_as_f32(bytes, &mut wide);
-                each(values, acc, f32_le, &f);
+                each(values, acc, f32_le_f64, &f);
             }
         }
         DType::BF16 => each(bytes, acc, |b| f64::from(bf16_le(b)), f),
@@ -354,9 +359,8 @@ pub(crate) fn zip_values4(
             }
         }
     }
-    let f32_le = |b: [u8; 4]| f64::from(f32::from_le_bytes(b));
     match dtype {
-        DType::F32 => each(sources, acc, start, f32_le, f),
+        DType::F32 => each(sources, acc, start, f32_le_f64, f),
         DType::F64 => each(sources, acc, start, f64::from_le_bytes, f),
         DType::F16 => {
             let ([a, b, c, d], [wa, wb, wc, wd]) = (sources, &mut [[0f32; F16_BLOCK]; 4]);
@@ -373,7 +377,7 @@ pub(crate) fn zip_values4(
                     f16s_as_f32(c, wc),
                     f16s_as_f32(d, wd),
                 ];
-                each(values, acc, start, f32_le, &f);
+                each(values, acc, start, f32_le_f64, &f);
             }
         }
         DType::BF16 => each(sources, acc, start, |b| f64::from(bf16_le(b)), f),
