@@ -14,8 +14,12 @@
  *   - write {"run_calls": N, "run_seconds": S, "session_create_seconds": C, and the
  *     wall-clock marks t_ort_loaded, t_first_run, t_last_run_end, t_exit} to the file
  *     named by ASWA_BENCH_ORT_TIMES when the process exits.
- * CreateSessionFromArray (index 8) is timed as well. Everything else goes straight to
- * the real library. The only cost added is two clock_gettime calls per forward pass.
+ * CreateSessionFromArray (index 8) is timed as well. With --io-binding on the forward
+ * passes are RunWithBinding calls (index 133), counted with `Run`'s; the IoBinding's
+ * BindInput (index 136), which copies a host value to the device where the session wants
+ * it there, is timed apart ("bind_calls", "bind_seconds"). (Indices: the order of the
+ * fields of ort-sys 2.0.0-rc.15's OrtApi, which is the C header's.) Everything else goes
+ * straight to the real library. The only cost added is two clock_gettime calls per call.
  *
  * Build: cc -O2 -shared -fPIC -o libort_timer.so benches/ort_timer.c -ldl
  * (scripts/bench.sh does this). Linux/glibc only.
@@ -39,18 +43,28 @@ typedef OrtStatusPtr (*RunFn)(void *session, const void *run_options,
                               const char *const *input_names, const void *const *inputs,
                               size_t input_len, const char *const *output_names,
                               size_t output_names_len, void **outputs);
+typedef OrtStatusPtr (*RunWithBindingFn)(void *session, const void *run_options,
+                                         const void *binding);
+typedef OrtStatusPtr (*BindInputFn)(void *binding, const char *name, const void *value);
 typedef OrtStatusPtr (*CreateFromArrayFn)(const void *env, const void *model_data,
                                           size_t model_data_length, const void *options,
                                           void **out);
 
-enum { RUN_INDEX = 9, CREATE_FROM_ARRAY_INDEX = 8 };
+enum {
+    RUN_INDEX = 9,
+    CREATE_FROM_ARRAY_INDEX = 8,
+    RUN_WITH_BINDING_INDEX = 133,
+    BIND_INPUT_INDEX = 136
+};
 
 static const OrtApiBase *real_base;
 static OrtApiBase wrapped_base;
 static RunFn real_run;
 static CreateFromArrayFn real_create;
-static double run_seconds, create_seconds;
-static long run_calls, create_calls;
+static RunWithBindingFn real_run_with_binding;
+static BindInputFn real_bind_input;
+static double run_seconds, create_seconds, bind_seconds;
+static long run_calls, create_calls, bind_calls;
 /* Wall-clock (CLOCK_REALTIME) marks, to split a run into phases: when this library was
  * loaded (the tool loads ONNX Runtime after reading and hashing its inputs), when the
  * first forward pass started, when the last one ended, and when the process exited. */
@@ -84,6 +98,25 @@ static OrtStatusPtr timed_run(void *session, const void *run_options,
     return s;
 }
 
+static OrtStatusPtr timed_run_with_binding(void *session, const void *run_options,
+                                           const void *binding) {
+    if (!run_calls) t_first_run = wall();
+    double t0 = now();
+    OrtStatusPtr s = real_run_with_binding(session, run_options, binding);
+    run_seconds += now() - t0;
+    run_calls++;
+    t_last_run_end = wall();
+    return s;
+}
+
+static OrtStatusPtr timed_bind_input(void *binding, const char *name, const void *value) {
+    double t0 = now();
+    OrtStatusPtr s = real_bind_input(binding, name, value);
+    bind_seconds += now() - t0;
+    bind_calls++;
+    return s;
+}
+
 static OrtStatusPtr timed_create(const void *env, const void *model_data,
                                  size_t model_data_length, const void *options, void **out) {
     double t0 = now();
@@ -109,6 +142,9 @@ static const void *wrapped_get_api(uint32_t version) {
     if (api && !real_run) {
         patch(&api[RUN_INDEX], (void *)timed_run, (void **)&real_run);
         patch(&api[CREATE_FROM_ARRAY_INDEX], (void *)timed_create, (void **)&real_create);
+        patch(&api[RUN_WITH_BINDING_INDEX], (void *)timed_run_with_binding,
+              (void **)&real_run_with_binding);
+        patch(&api[BIND_INPUT_INDEX], (void *)timed_bind_input, (void **)&real_bind_input);
     }
     return api;
 }
@@ -143,9 +179,10 @@ __attribute__((destructor)) static void report(void) {
     if (!f) return;
     fprintf(f,
             "{\"run_calls\": %ld, \"run_seconds\": %.6f, \"session_creates\": %ld, "
-            "\"session_create_seconds\": %.6f, \"t_ort_loaded\": %.6f, \"t_first_run\": %.6f, "
+            "\"session_create_seconds\": %.6f, \"bind_calls\": %ld, \"bind_seconds\": %.6f, "
+            "\"t_ort_loaded\": %.6f, \"t_first_run\": %.6f, "
             "\"t_last_run_end\": %.6f, \"t_exit\": %.6f}\n",
-            run_calls, run_seconds, create_calls, create_seconds, t_loaded, t_first_run,
+            run_calls, run_seconds, create_calls, create_seconds, bind_calls, bind_seconds, t_loaded, t_first_run,
             t_last_run_end, wall());
     if (out) fclose(f);
 }

@@ -8,8 +8,8 @@ Needs: numpy, onnx, onnxruntime (1.31.1 for a like-for-like comparison). The
 writer of the same format is used and the output says so. No torch.
 
     python scripts/bench_python_pipeline.py CKPT_DIR --model M.onnx --val V.npz
-        [--mode inputs|sessions] [--batch-size 256] [--threads 2] [-o OUT.safetensors]
-        [--check REPORT.json] [--same-weights TOOL_OUT.safetensors] [--json TIMES.json]
+        [--mode inputs|sessions] [--device cpu|cuda] [--batch-size 256] [--threads 2]
+        [-o OUT.safetensors] [--check REPORT.json] [--same-weights TOOL_OUT.safetensors] [--json TIMES.json]
 
 Same decisions as the tool, by construction:
 
@@ -22,7 +22,8 @@ Same decisions as the tool, by construction:
   members in the order they joined, the look-ahead is (sum + θ_t) / (n + 1) in float64,
   rounded once to the checkpoint dtype (numpy's astype: round to nearest even), so the
   scored weights are bit for bit the tool's;
-* ONNX Runtime runs on the CPU with intra_op_num_threads = --threads.
+* ONNX Runtime runs on the CPU with intra_op_num_threads = --threads, or with
+  `--device cuda` on GPU 0 with the CUDA execution provider (onnxruntime-gpu).
 
 Two ways to feed the candidates' weights (both common; the first is the careful one):
 
@@ -33,6 +34,11 @@ Two ways to feed the candidates' weights (both common; the first is the careful 
   by the candidate's values, the model is serialised and a new InferenceSession is built
   from the bytes (weights as constants, which ONNX Runtime can pre-pack; what most
   scripts, and scripts/reference_aswa.py, do).
+
+With `--device cuda`, `--mode inputs` does what a careful GPU user does: the validation
+batches are copied to the GPU once (OrtValues on the device), each candidate's weights are
+copied to the GPU once (OrtValues bound to an IoBinding), and each batch runs with
+`run_with_iobinding`, its output copied back to host memory.
 
 With --check REPORT.json (the tool's --report), the decisions and scores are compared step
 by step, and with --same-weights the final weights are compared bit for bit with the tool's
@@ -129,6 +135,7 @@ def main() -> int:
     ap.add_argument("--mode", choices=["inputs", "sessions"], default="inputs")
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--threads", type=int, default=0, help="intra-op threads (0: ORT's default)")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("-o", "--output", default=None)
     ap.add_argument("--check", default=None, help="the tool's --report JSON to compare with")
     ap.add_argument("--same-weights", default=None,
@@ -168,6 +175,11 @@ def main() -> int:
     if args.threads > 0:
         so.intra_op_num_threads = args.threads
     providers = ["CPUExecutionProvider"]
+    cuda = args.device == "cuda"
+    if cuda:
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            sys.exit(f"--device cuda: this onnxruntime ({ort.__version__}) has no CUDA provider")
+        providers = ["CUDAExecutionProvider"]
     out_name = model.graph.output[0].name
     in_name = [i.name for i in model.graph.input if i.name not in init_names][0]
 
@@ -190,7 +202,14 @@ def main() -> int:
         data = m.SerializeToString()
         tm.add("rewrite", t0)
         session = new_session(data)
+        if cuda and session.get_providers()[0] != "CUDAExecutionProvider":
+            sys.exit(f"--device cuda: the session runs on {session.get_providers()}")
         by_name = {i.name: i for i in model.graph.initializer}
+        if cuda:  # the validation batches go to the GPU once
+            t0 = time.perf_counter()
+            x_dev = [ort.OrtValue.ortvalue_from_numpy(x_all[s:s + args.batch_size], "cuda", 0)
+                     for s in range(0, rows, args.batch_size)]
+            tm.add("upload", t0)
     else:
         by_name = {i.name: i for i in model.graph.initializer}
         template = onnx.ModelProto()
@@ -211,6 +230,25 @@ def main() -> int:
             sess = new_session(data)
             feeds_w = {}
         correct = 0
+        if cuda and args.mode == "inputs":
+            t = time.perf_counter()
+            binding = sess.io_binding()
+            for k in bound:  # each weight goes to the GPU once per candidate
+                binding.bind_ortvalue_input(k, ort.OrtValue.ortvalue_from_numpy(
+                    np.ascontiguousarray(weights[k]), "cuda", 0))
+            tm.add("upload", t)
+            for i, s in enumerate(range(0, rows, args.batch_size)):
+                e = min(s + args.batch_size, rows)
+                t = time.perf_counter()
+                binding.bind_ortvalue_input(in_name, x_dev[i])
+                binding.bind_output(out_name, "cpu")
+                sess.run_with_iobinding(binding)
+                out = binding.copy_outputs_to_cpu()[0]
+                tm.add("run", t)
+                t = time.perf_counter()
+                correct += int(np.count_nonzero(np.argmax(out, axis=1) == y_all[s:e]))
+                tm.add("metric", t)
+            return correct / rows
         for s in range(0, rows, args.batch_size):
             e = min(s + args.batch_size, rows)
             feed = {in_name: x_all[s:e]}
@@ -281,7 +319,7 @@ def main() -> int:
         tm.add("write", t0)
     total = time.perf_counter() - t_start
 
-    result = {"mode": args.mode, "reader": READER, "onnxruntime": ort.__version__,
+    result = {"mode": args.mode, "device": args.device, "reader": READER, "onnxruntime": ort.__version__,
               "checkpoints": len(paths), "rows": rows, "batch_size": args.batch_size,
               "threads": args.threads, "evaluations": 2 * len(paths) - 1,
               "members": [os.path.basename(paths[i]) for i in members], "val_score": v_a,
@@ -315,7 +353,7 @@ def main() -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
-    print(f"python ({args.mode}, {READER}): {len(paths)} checkpoints, {2 * len(paths) - 1} candidates, "
+    print(f"python ({args.mode}, {args.device}, {READER}): {len(paths)} checkpoints, {2 * len(paths) - 1} candidates, "
           f"{total:.2f} s total, {tm.t.get('run', 0):.2f} s in session.run; "
           f"result {len(members)} members, accuracy {v_a:.6f}", file=sys.stderr)
     bad = result.get("check", {})
