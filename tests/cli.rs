@@ -696,9 +696,25 @@ fn weights_bound_once_per_candidate_give_the_same_results_as_weights_passed_per_
     let kge_filter = fixture("kge/filter.npz").display().to_string();
     let bn_val = fixture("bn/val.npz").display().to_string();
     let bn_calib = fixture("bn/calib.npz").display().to_string();
+    let half = fixture("digits_f16/half/unfolded.onnx")
+        .display()
+        .to_string();
+    let kge_legacy = fixture("kge/legacy/model.onnx").display().to_string();
     let digits = digits_args();
+    // The bound copies are refilled candidate after candidate: weights fed as they are
+    // (f32, and f16 to a float16 model), converted (bf16 to f32) and transposed (the
+    // legacy export's folded `ent.weight`).
     let cases: Vec<(&str, Vec<&str>)> = vec![
         ("digits/checkpoints", strs(&digits)),
+        (
+            "digits_f16/checkpoints",
+            vec!["--model", &half, "--val", &digits_val],
+        ),
+        ("digits_bf16/checkpoints", strs(&digits)),
+        (
+            "kge/checkpoints",
+            vec!["--model", &kge_legacy, "--val", &kge_val, "--metric", "mrr"],
+        ),
         (
             "digits/checkpoints",
             vec!["--model", &model_fixed, "--val", &digits_val],

@@ -167,6 +167,9 @@ pub(crate) struct Feeder {
     bind_weights: bool,
     batches: Batches,
     scratch: Vec<Scratch>,
+    /// Host copies of the weights for an `IoBinding` (with `bind_weights`): allocated for
+    /// the first candidate and refilled for each next one, when no binding holds them.
+    bound: Vec<Option<DynValue>>,
 }
 
 /// What a [`Feeder`] hands to its caller for each batch.
@@ -228,6 +231,7 @@ impl Feeder {
             bind_weights,
             batches: Batches { batch, fixed_batch },
             scratch,
+            bound: Vec::new(),
         })
     }
 
@@ -275,6 +279,7 @@ impl Feeder {
             bind_weights,
             batches,
             scratch,
+            bound,
         } = self;
         let specs = set.specs();
         // Pass 1: convert what cannot be fed as it is.
@@ -313,19 +318,22 @@ impl Feeder {
         match engine {
             Engine::Shared(session) => {
                 // Views where ONNX Runtime reads the values during each run; owned copies
-                // where it keeps them (bound, see `run_bound`).
-                let weights = fed
-                    .into_iter()
-                    .map(|f| {
-                        let name = Cow::Borrowed(f.name);
-                        let value = if *bind_weights {
-                            SessionInputValue::from(f.copy()?)
-                        } else {
-                            f.view()?
-                        };
-                        Ok((name, value))
-                    })
-                    .collect::<Result<Vec<_>>>()?;
+                // where it keeps them (bound, see `run_bound`), in buffers kept from one
+                // candidate to the next (no binding holds them between candidates).
+                let weights = if *bind_weights {
+                    bound.resize_with(fed.len(), || None);
+                    fed.into_iter()
+                        .zip(bound.iter_mut())
+                        .map(|(f, slot)| {
+                            let name = Cow::Borrowed(f.name);
+                            Ok((name, SessionInputValue::from(f.refill(slot)?.view())))
+                        })
+                        .collect::<Result<Vec<_>>>()?
+                } else {
+                    fed.into_iter()
+                        .map(|f| Ok((Cow::Borrowed(f.name), f.view()?)))
+                        .collect::<Result<Vec<_>>>()?
+                };
                 if *bind_weights {
                     run_bound(session, &weights, data, *batches, each)
                 } else {
@@ -795,6 +803,27 @@ impl<'a> Fed<'a> {
             let values = bytemuck::cast_slice::<u8, T>(self.bytes).to_vec();
             Ok(Tensor::<T>::from_array((shape, values))?.into_dyn())
         })
+    }
+
+    /// [`Fed::copy`] into `slot`: the tensor there, overwritten, when it has this type
+    /// and shape (the same weight of the previous candidate), else a new one.
+    fn refill(self, slot: &mut Option<DynValue>) -> Result<&DynValue> {
+        let written = match slot.as_mut() {
+            Some(v) => with_elem_type!(self.elem, T => {
+                let values = bytemuck::cast_slice::<u8, T>(self.bytes);
+                Ok(v.try_extract_tensor_mut::<T>()
+                    .ok()
+                    .filter(|(s, d)| ***s == *self.shape && d.len() == values.len())
+                    .map(|(_, d)| d.copy_from_slice(values))
+                    .is_some())
+            })?,
+            None => false,
+        };
+        if !written {
+            *slot = Some(self.copy()?);
+        }
+        slot.as_ref()
+            .ok_or_else(|| Error::Runtime("a bound weight has no buffer".into()))
     }
 }
 
