@@ -11,15 +11,17 @@
  *     GetErrorCode, GetErrorMessage, CreateEnv, CreateEnvWithCustomLogger,
  *     EnableTelemetryEvents, DisableTelemetryEvents, CreateSession,
  *     CreateSessionFromArray, Run) by a wrapper that adds up CLOCK_MONOTONIC time,
- *   - write {"run_calls": N, "run_seconds": S, "session_create_seconds": C, and the
- *     wall-clock marks t_ort_loaded, t_first_run, t_last_run_end, t_exit} to the file
- *     named by ASWA_BENCH_ORT_TIMES when the process exits.
+ *   - write {"run_calls": N, "run_seconds": S, "session_creates": K,
+ *     "session_create_seconds": C, "bind_calls": B, "bind_seconds": T, and the wall-clock
+ *     marks t_ort_loaded, t_first_run, t_last_run_end, t_exit} to the file named by
+ *     ASWA_BENCH_ORT_TIMES when the process exits.
  * CreateSessionFromArray (index 8) is timed as well. With --io-binding on the forward
  * passes are RunWithBinding calls (index 133), counted with `Run`'s; the IoBinding's
  * BindInput (index 136), which copies a host value to the device where the session wants
  * it there, is timed apart ("bind_calls", "bind_seconds"). (Indices: the order of the
  * fields of ort-sys 2.0.0-rc.15's OrtApi, which is the C header's.) Everything else goes
- * straight to the real library. The only cost added is two clock_gettime calls per call.
+ * straight to the real library. The only cost added is three clock_gettime calls per
+ * forward pass and two per timed call of the others.
  *
  * Build: cc -O2 -shared -fPIC -o libort_timer.so benches/ort_timer.c -ldl
  * (scripts/bench.sh does this). Linux/glibc only.

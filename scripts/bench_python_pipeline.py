@@ -186,6 +186,8 @@ def main() -> int:
     def new_session(model_bytes):
         t = time.perf_counter()
         s = ort.InferenceSession(model_bytes, so, providers=providers)
+        if cuda and s.get_providers()[0] != "CUDAExecutionProvider":
+            sys.exit(f"--device cuda: the session runs on {s.get_providers()}")
         tm.add("session", t)
         return s
 
@@ -202,8 +204,6 @@ def main() -> int:
         data = m.SerializeToString()
         tm.add("rewrite", t0)
         session = new_session(data)
-        if cuda and session.get_providers()[0] != "CUDAExecutionProvider":
-            sys.exit(f"--device cuda: the session runs on {session.get_providers()}")
         by_name = {i.name: i for i in model.graph.initializer}
         if cuda:  # the validation batches go to the GPU once
             t0 = time.perf_counter()

@@ -25,7 +25,8 @@ import sys
 import numpy as np
 
 DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2", "I64": "<i8",
-          "I32": "<i4", "I16": "<i2", "I8": "i1", "U8": "u1", "BOOL": "u1"}
+          "I32": "<i4", "I16": "<i2", "I8": "i1", "U64": "<u8", "U32": "<u4", "U16": "<u2",
+          "U8": "u1", "BOOL": "u1"}
 
 
 def tensors(path: str) -> "dict[str, tuple[str, np.ndarray]]":
@@ -66,16 +67,22 @@ def main() -> int:
     db = [(os.path.basename(s["checkpoint"]), s["decision"]) for s in rb.get("steps", [])]
     same_steps = da == db
     score_diff = 0.0
+    scored_alike = True  # a score in one report is a score (not null) in the other
     for sa, sb in zip(ra.get("steps", []), rb.get("steps", [])):
         for key in ("running_score", "ensemble_score", "lookahead_score"):
             x, y = sa.get(key), sb.get(key)
             if isinstance(x, (int, float)) and isinstance(y, (int, float)):
-                score_diff = max(score_diff, abs(x - y))
+                d = abs(x - y)
+                score_diff = max(score_diff, d) if d == d else float("nan")
+            elif (x is None) != (y is None):
+                scored_alike = False
     parts = [f"members {'same' if same_members else 'DIFFER'} ({len(members(ra))})",
              f"decisions {'same' if same_steps else 'DIFFER'}",
              f"max score diff {score_diff:.3g}",
              f"val_score {ra.get('val_score')} vs {rb.get('val_score')}"]
-    ok = same_members and same_steps
+    if not scored_alike:
+        parts.append("a score is null in one report only")
+    ok = same_members and same_steps and scored_alike
     if args.expected:
         exp = [os.path.basename(m) for m in json.load(open(args.expected))["members"]]
         match = members(ra) == exp
@@ -86,7 +93,7 @@ def main() -> int:
         parts.append("tensor names DIFFER")
         ok = False
     else:
-        identical = all(ta[k][0] == tb[k][0] and np.array_equal(ta[k][1], tb[k][1]) for k in ta)
+        identical = all(ta[k][0] == tb[k][0] and ta[k][1].tobytes() == tb[k][1].tobytes() for k in ta)
         if identical:
             parts.append("outputs bit-identical")
         else:
@@ -94,7 +101,7 @@ def main() -> int:
             for k in ta:
                 x, y = as_f64(*ta[k]), as_f64(*tb[k])
                 d = float(np.max(np.abs(x - y))) if x.size else 0.0
-                abs_d = max(abs_d, d)
+                abs_d = d if d != d else max(abs_d, d)  # NaN (a NaN on one side) sticks
                 scale = float(np.max(np.abs(x))) if x.size else 0.0
                 if scale > 0:
                     rel_d = max(rel_d, d / scale)

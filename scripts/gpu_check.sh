@@ -3,8 +3,8 @@
 # "CUDA and --io-binding", has the figures it gave). It checks, with the CUDA execution
 # provider of onnxruntime-gpu==1.31.1:
 #   - the bundled fixtures (MLP f32/f16/bf16, ranking with a filter, BatchNorm
-#     recalibration, a CNN export scored with weights as constants): the same decisions
-#     as on the CPU, and how far the merged weights move;
+#     recalibration, a legacy CNN export with BatchNorm folded, a float16 model): the same
+#     decisions as on the CPU, and how far the merged weights move;
 #   - --device auto picks CUDA and the report names the provider that ran;
 #   - weights uploaded once per candidate (--io-binding on) vs with every batch (off):
 #     the same results, and the time each takes on a model whose weights dominate;
@@ -22,7 +22,8 @@
 # Environment: BIN (default target/release/aswa-merge; built with cargo when missing),
 # PYTHON (default python3; needs numpy and onnx), GPU_DATA (default target/gpu-data),
 # GPU_REPS (default 2). OUT_DIR (default target/gpu) receives the log, the reports and
-# summary.md. Exit status: the number of failed checks (0: all held).
+# summary.md. Exit status: the number of failed checks (0: all held; 99: 99 or more), or 100
+# when it cannot start (no binary, no library).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -32,6 +33,7 @@ BIN=${BIN:-$PWD/target/release/aswa-merge}
 PYTHON=${PYTHON:-python3}
 DATA=${GPU_DATA:-target/gpu-data}
 REPS=${GPU_REPS:-2}
+rm -rf "$OUTD/runs"
 mkdir -p "$OUTD/runs" "$DATA"
 OUTD=$(cd "$OUTD" && pwd)
 exec > >(tee "$OUTD/gpu_check.log") 2>&1
@@ -46,6 +48,7 @@ fail() { echo "CHECK FAILED: $*"; FAILED=$((FAILED + 1)); }
 if [ ! -x "$BIN" ]; then
   cargo build --release --quiet || { echo "no binary at $BIN and cargo build failed"; exit 100; }
 fi
+[ -x "$BIN" ] || { echo "$BIN: no such executable"; exit 100; }
 [ -f "$LIB" ] || { echo "$LIB: not found"; exit 100; }
 
 say "machine"
@@ -266,22 +269,22 @@ sys.exit(not (o.__version__ == "1.31.1" and "CUDAExecutionProvider" in o.get_ava
       fail "python e2e on the CPU: not the tool's decisions or weights"
     run e2e "cuda-on-$((r + REPS))" "$E/checkpoints" "$E/model.onnx" "$E/val.npz" --device cuda || fail "e2e on CUDA"
     pyrun e2e "py-cuda-inputs-$r" e2e-cuda-on-1 "$E/checkpoints" "$E/model.onnx" "$E/val.npz" --device cuda ||
-      echo "(python e2e on CUDA: not the tool's decisions or weights)"
+      fail "python e2e on CUDA (exit 1: not the tool's decisions or weights)"
   done
   pyrun e2e py-cuda-sessions e2e-cuda-on-1 "$E/checkpoints" "$E/model.onnx" "$E/val.npz" --device cuda --mode sessions ||
-    echo "(python e2e on CUDA, sessions: not the tool's decisions or weights)"
+    fail "python e2e on CUDA, a session per candidate (exit 1: not the tool's decisions or weights)"
   pyrun cnn py-cpu-sessions cnn-cpu "$C/checkpoints" "$C/model.onnx" "$C/val.npz" --threads "$T" --mode sessions ||
-    echo "(python cnn on the CPU: not the tool's decisions or weights)"
+    fail "python cnn on the CPU (exit 1: not the tool's decisions or weights)"
   pyrun cnn py-cuda-inputs cnn-cuda-inputs-1 "$C/checkpoints" "$C/model.onnx" "$C/val.npz" --device cuda ||
-    echo "(python cnn on CUDA: not the tool's decisions or weights)"
+    fail "python cnn on CUDA (exit 1: not the tool's decisions or weights)"
   for f in "$OUTD"/runs/*-py-*.log; do echo "$(basename "$f" .log): $(grep -E '^(check|weights|python)' "$f" | tr '\n' ' ')"; done |
     tee -a "$OUTD/compare.txt"
 else
-  echo "(the Python pipeline skipped: no onnxruntime-gpu 1.31.1 for $PYTHON; set ORT_PY)"
+  echo "(the Python pipeline skipped: $PYTHON${ORT_PY:+ with ORT_PY=$ORT_PY} cannot import onnxruntime-gpu 1.31.1 with its CUDA provider)"
 fi
 
 say "errors"
-expect_fail() {  # expect_fail LABEL PATTERN [env...] -- flags: the run must fail and say PATTERN
+expect_fail() {  # expect_fail LABEL PATTERN [flags...]: the run must fail and say PATTERN
   local label=$1 pattern=$2; shift 2
   run err "$label" "$D/checkpoints" "$D/model.onnx" "$D/val.npz" "$@"
   local rc=$?
@@ -290,7 +293,7 @@ expect_fail() {  # expect_fail LABEL PATTERN [env...] -- flags: the run must fai
   [ ! -e "$OUTD/runs/err-$label.safetensors" ] || fail "$label: an output was written"
   echo "$label: exit $rc: $(head -c 600 "$OUTD/runs/err-$label.log")"
 }
-expect_fail no-such-gpu "cuda" --device cuda:7
+expect_fail no-such-gpu "Invalid device ID" --device cuda:7
 # Without the nvidia-* folders on the library path: only where that leaves a CUDA library
 # missing (machines that install CUDA system-wide find them all the same).
 if LD_LIBRARY_PATH=$BARE_LD ldd "$ORT_GPU_DIR/libonnxruntime_providers_cuda.so" | grep -q 'not found'; then
@@ -304,7 +307,7 @@ else
 fi
 NOPROV=$(mktemp -d)
 cp "$LIB" "$ORT_GPU_DIR/libonnxruntime_providers_shared.so" "$NOPROV/"
-ORT_DYLIB_PATH="$NOPROV/libonnxruntime.so.1.31.1" expect_fail no-provider "CUDA is not usable" --device cuda
+ORT_DYLIB_PATH="$NOPROV/libonnxruntime.so.1.31.1" expect_fail no-provider "libonnxruntime_providers_cuda.so" --device cuda
 rm -rf "$NOPROV"
 
 say "summary"
@@ -318,4 +321,4 @@ say "summary"
   echo "failed checks: $FAILED"
 } | tee "$OUTD/summary.md"
 nvidia-smi --query-gpu=clocks.sm,memory.used --format=csv,noheader
-exit "$FAILED"
+exit $((FAILED > 99 ? 99 : FAILED))

@@ -277,9 +277,9 @@ pub struct CommonArgs {
     pub require_gain: Option<Baseline>,
 
     /// Threads for averaging and for ONNX Runtime (default: all cores). The output is
-    /// bit-identical whatever the thread count. With at most half the cores, ONNX Runtime's
-    /// threads also spin between forward passes (faster there); otherwise they sleep, so that
-    /// they leave the cores to the tool's own work between passes.
+    /// bit-identical whatever the thread count. ONNX Runtime's threads sleep between forward
+    /// passes, leaving the cores to the tool's own work there; given N at most half the
+    /// cores, they spin instead (each pool then has its own cores).
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub threads: usize,
 
