@@ -9,8 +9,8 @@ Prints one line: whether the members (the final ensemble) and the per-step decis
 the same, the largest score difference, whether the outputs are bit-identical tensor by
 tensor, and else the largest absolute and relative difference of any float tensor
 (computed in float64). With --expected (a fixture's expected JSON, whose members are names
-relative to the checkpoint directory), also whether A's members match it. Needs numpy
-only; reads safetensors by its documented layout (u64 header length, JSON header, data).
+relative to the checkpoint directory), also whether A's members match it. Reads the
+outputs with scripts/reference_aswa.py's reader (numpy; ml_dtypes for bf16).
 Exit status: 0 when the decisions agree (and match --expected), 1 otherwise.
 """
 
@@ -19,36 +19,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import struct
 import sys
 
 import numpy as np
 
-DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2", "I64": "<i8",
-          "I32": "<i4", "I16": "<i2", "I8": "i1", "U64": "<u8", "U32": "<u4", "U16": "<u2",
-          "U8": "u1", "BOOL": "u1"}
-
-
-def tensors(path: str) -> "dict[str, tuple[str, np.ndarray]]":
-    """name -> (safetensors dtype, raw array). BF16 stays as its 16-bit patterns."""
-    with open(path, "rb") as fh:
-        (n,) = struct.unpack("<Q", fh.read(8))
-        header = json.loads(fh.read(n))
-    data = np.memmap(path, dtype=np.uint8, mode="r")
-    out = {}
-    for name, meta in header.items():
-        if name == "__metadata__":
-            continue
-        lo, hi = meta["data_offsets"]
-        raw = np.frombuffer(data[8 + n + lo: 8 + n + hi].tobytes(), dtype=DTYPES[meta["dtype"]])
-        out[name] = (meta["dtype"], raw.reshape(meta["shape"]))
-    return out
-
-
-def as_f64(dtype: str, a: np.ndarray) -> np.ndarray:
-    if dtype == "BF16":
-        return (a.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
-    return a.astype(np.float64)
+from reference_aswa import read_safetensors
 
 
 def members(report: dict) -> "list[str]":
@@ -88,7 +63,7 @@ def main() -> int:
         match = members(ra) == exp
         ok = ok and match
         parts.append(f"expected members {'match' if match else 'DIFFER'}")
-    ta, tb = tensors(ra["output"]), tensors(rb["output"])
+    ta, tb = read_safetensors(ra["output"]), read_safetensors(rb["output"])
     if ta.keys() != tb.keys():
         parts.append("tensor names DIFFER")
         ok = False
@@ -99,7 +74,7 @@ def main() -> int:
         else:
             abs_d = rel_d = 0.0
             for k in ta:
-                x, y = as_f64(*ta[k]), as_f64(*tb[k])
+                x, y = ta[k][1].astype(np.float64), tb[k][1].astype(np.float64)
                 d = float(np.max(np.abs(x - y))) if x.size else 0.0
                 abs_d = d if d != d else max(abs_d, d)  # NaN (a NaN on one side) sticks
                 scale = float(np.max(np.abs(x))) if x.size else 0.0
