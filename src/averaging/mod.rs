@@ -18,9 +18,12 @@ use rayon::prelude::*;
 use crate::simd::simd;
 use crate::storage::dtype::{
     bf16_slice_from_f64, f16_slice_from_f64, f32_slice_from_f64, f64_slice_from_f64, zip_values,
-    zip_values4,
+    zip_values4, FromF64,
 };
 use crate::storage::{CheckpointSet, DType};
+use divide::divide;
+
+mod divide;
 
 /// Elements per parallel work item: large enough to amortise scheduling, small enough
 /// to spread one big tensor over all cores.
@@ -37,10 +40,14 @@ pub enum FloatBuf {
 
 impl FloatBuf {
     /// A zeroed buffer of `n` elements of a float `dtype`; `None` for other dtypes.
+    ///
+    /// The memory comes zeroed from the allocator (fresh pages for large buffers, zeroed
+    /// by the kernel when first written), not filled element by element: for f16 and bf16
+    /// the zeros are made as `u16` (which `vec!` allocates zeroed) and reinterpreted.
     pub fn zeros(dtype: DType, n: usize) -> Option<Self> {
         Some(match dtype {
-            DType::F16 => FloatBuf::F16(vec![f16::ZERO; n]),
-            DType::BF16 => FloatBuf::BF16(vec![bf16::ZERO; n]),
+            DType::F16 => FloatBuf::F16(bytemuck::allocation::cast_vec(vec![0u16; n])),
+            DType::BF16 => FloatBuf::BF16(bytemuck::allocation::cast_vec(vec![0u16; n])),
             DType::F32 => FloatBuf::F32(vec![0.0; n]),
             DType::F64 => FloatBuf::F64(vec![0.0; n]),
             _ => return None,
@@ -145,10 +152,10 @@ impl Weights {
                 recipe,
             };
             match buf {
-                FloatBuf::F16(o) => job.run(o, f16_slice_from_f64),
-                FloatBuf::BF16(o) => job.run(o, bf16_slice_from_f64),
-                FloatBuf::F32(o) => job.run(o, f32_slice_from_f64),
-                FloatBuf::F64(o) => job.run(o, f64_slice_from_f64),
+                FloatBuf::F16(o) => job.run(o),
+                FloatBuf::BF16(o) => job.run(o),
+                FloatBuf::F32(o) => job.run(o),
+                FloatBuf::F64(o) => job.run(o),
             }
         }
         out.int_source = members.iter().copied().max().unwrap_or(0);
@@ -181,7 +188,7 @@ struct BuildJob<'a> {
 }
 
 impl BuildJob<'_> {
-    fn run<T: Send>(&self, out: &mut [T], round: impl Fn(&[f64], &mut [T]) + Sync) {
+    fn run<T: FromF64 + Send>(&self, out: &mut [T]) {
         let size = self.dtype.size();
         let group = self.members.len().min(GROUP);
         // Whole chunks, at least two per thread so that a window keeps every core busy.
@@ -210,7 +217,7 @@ impl BuildJob<'_> {
                             for (j, o) in o.chunks_mut(L1_BLOCK).enumerate() {
                                 let acc = &mut acc[..o.len()];
                                 self.accumulate(acc, &sources, k * CHUNK + j * L1_BLOCK, true);
-                                self.round(o, acc, &round);
+                                self.round(o, acc);
                             }
                         },
                     )
@@ -233,7 +240,7 @@ impl BuildJob<'_> {
                     .for_each(|(o, acc)| {
                         simd(
                             #[inline(always)]
-                            || self.round(o, acc, &round),
+                            || self.round(o, acc),
                         )
                     });
             }
@@ -299,12 +306,11 @@ impl BuildJob<'_> {
 
     /// The model's values from the sums (which it overwrites with the unrounded values).
     #[inline(always)]
-    fn round<T>(&self, out: &mut [T], acc: &mut [f64], round: impl Fn(&[f64], &mut [T])) {
+    fn round<T: FromF64>(&self, out: &mut [T], acc: &mut [f64]) {
         if let Recipe::Mean(m) = self.recipe {
-            let n = m.len() as f64;
-            acc.iter_mut().for_each(|a| *a /= n);
+            divide(acc, m.len() as f64);
         }
-        round(acc, out);
+        T::round_from(acc, out);
     }
 
     /// Releases byte range `bytes` of the tensor in `members`, with the folio slack
@@ -410,12 +416,10 @@ impl Accumulator {
             let dtype = set.specs()[t].dtype;
             let extra_bytes = extra.map(|c| set.tensor_bytes(c, t));
             match buf {
-                FloatBuf::F16(o) => mean_chunks(o, sum, dtype, extra_bytes, n, f16_slice_from_f64),
-                FloatBuf::BF16(o) => {
-                    mean_chunks(o, sum, dtype, extra_bytes, n, bf16_slice_from_f64)
-                }
-                FloatBuf::F32(o) => mean_chunks(o, sum, dtype, extra_bytes, n, f32_slice_from_f64),
-                FloatBuf::F64(o) => mean_chunks(o, sum, dtype, extra_bytes, n, f64_slice_from_f64),
+                FloatBuf::F16(o) => mean_chunks(o, sum, dtype, extra_bytes, n),
+                FloatBuf::BF16(o) => mean_chunks(o, sum, dtype, extra_bytes, n),
+                FloatBuf::F32(o) => mean_chunks(o, sum, dtype, extra_bytes, n),
+                FloatBuf::F64(o) => mean_chunks(o, sum, dtype, extra_bytes, n),
             }
         }
         out.int_source = extra
@@ -426,13 +430,12 @@ impl Accumulator {
     }
 }
 
-fn mean_chunks<T: Send>(
+fn mean_chunks<T: FromF64 + Send>(
     out: &mut [T],
     sum: &[f64],
     dtype: DType,
     extra: Option<&[u8]>,
     n: f64,
-    round: impl Fn(&[f64], &mut [T]) + Sync,
 ) {
     let size = dtype.size();
     out.par_chunks_mut(CHUNK)
@@ -453,8 +456,8 @@ fn mean_chunks<T: Send>(
                             let b = &bytes[at..at + o.len() * size];
                             zip_values(dtype, b, acc, |a, x| *a += x);
                         }
-                        acc.iter_mut().for_each(|a| *a /= n);
-                        round(acc, o);
+                        divide(acc, n);
+                        T::round_from(acc, o);
                     }
                 },
             )

@@ -281,6 +281,10 @@ pub(crate) fn zip_values(dtype: DType, bytes: &[u8], acc: &mut [f64], f: impl Fn
         DType::F32 => each(bytes, acc, f32_le_f64, f),
         DType::F64 => each(bytes, acc, f64::from_le_bytes, f),
         DType::F16 => {
+            let (acc, [bytes]) = f16_in_registers(acc, [bytes], |s, [x]| f(s, x));
+            if acc.is_empty() {
+                return;
+            }
             let mut wide = [0f32; F16_BLOCK];
             for (acc, bytes) in acc.chunks_mut(F16_BLOCK).zip(bytes.chunks(2 * F16_BLOCK)) {
                 let values = f16s_as_f32(bytes, &mut wide);
@@ -292,8 +296,45 @@ pub(crate) fn zip_values(dtype: DType, bytes: &[u8], acc: &mut [f64], f: impl Fn
     }
 }
 
+/// Calls `f(&mut acc[i], [value_i of each source])` for the little-endian f16 values of
+/// `sources`, eight at a time widened in registers ([`simd::F16x8`]), as far as whole
+/// groups of eight go where the CPU can; returns the elements left (all of them at the
+/// baseline level) and the sources' bytes for them.
+#[inline(always)]
+fn f16_in_registers<'a, 'b, const K: usize>(
+    acc: &'a mut [f64],
+    sources: [&'b [u8]; K],
+    f: impl Fn(&mut f64, [f64; K]),
+) -> (&'a mut [f64], [&'b [u8]; K]) {
+    let Some(widen) = simd::F16x8::new() else {
+        return (acc, sources);
+    };
+    let whole = sources.iter().fold(acc.len(), |n, s| n.min(s.len() / 2)) / 8 * 8;
+    let (head, rest) = acc.split_at_mut(whole);
+    // Plain loops, not `array::map`: its closure is compiled outside `simd`'s
+    // target-feature function, where the widening instruction cannot be inlined.
+    let mut rows = sources.map(|s| s[..2 * whole].chunks_exact(16));
+    let mut x = [[0f64; 8]; K];
+    for s in head.chunks_exact_mut(8) {
+        for (x, row) in x.iter_mut().zip(&mut rows) {
+            // Every row has a chunk for every group of eight (`whole` is their minimum).
+            if let Some(h) = row.next().and_then(|h| h.first_chunk::<16>()) {
+                *x = widen.widen(h);
+            }
+        }
+        for (l, s) in s.iter_mut().enumerate() {
+            let mut lane = [0f64; K];
+            for (v, x) in lane.iter_mut().zip(&x) {
+                *v = x[l];
+            }
+            f(s, lane);
+        }
+    }
+    (rest, sources.map(|s| &s[2 * whole..]))
+}
+
 /// Elements of f16 widened at a time, into an `f32` block on the stack, before they are
-/// added (1 KiB a source).
+/// added (1 KiB a source), where [`f16_in_registers`] cannot.
 const F16_BLOCK: usize = 256;
 
 /// The little-endian f16 values in `bytes` (as many as `wide` holds) widened into
@@ -363,6 +404,13 @@ pub(crate) fn zip_values4(
         DType::F32 => each(sources, acc, start, f32_le_f64, f),
         DType::F64 => each(sources, acc, start, f64::from_le_bytes, f),
         DType::F16 => {
+            let (acc, sources) = f16_in_registers(acc, sources, |s, [a, b, c, d]| {
+                let first = if start { a } else { f(*s, a) };
+                *s = f(f(f(first, b), c), d);
+            });
+            if acc.is_empty() {
+                return;
+            }
             let ([a, b, c, d], [wa, wb, wc, wd]) = (sources, &mut [[0f32; F16_BLOCK]; 4]);
             let blocks = acc
                 .chunks_mut(F16_BLOCK)
@@ -392,6 +440,34 @@ pub fn f32_slice_from_f64(values: &[f64], out: &mut [f32]) {
         .zip(values)
         .for_each(|(o, v)| *o = if v.is_nan() { f32::NAN } else { *v as f32 });
 }
+
+/// A float element type that `f64` values are rounded into, once, to nearest-even, NaN
+/// made canonical: the `*_slice_from_f64` functions as one static call for generic
+/// kernels (a function passed as a value may be left out of line, compiled for the
+/// baseline outside [`simd`]'s target-feature functions).
+pub trait FromF64: Sized {
+    /// `values` rounded into `out`.
+    fn round_from(values: &[f64], out: &mut [Self]);
+}
+
+/// `impl FromF64` for each float type by its rounding function.
+macro_rules! from_f64 {
+    ($($t:ty => $round:ident),*) => {$(
+        impl FromF64 for $t {
+            #[inline(always)]
+            fn round_from(values: &[f64], out: &mut [Self]) {
+                $round(values, out)
+            }
+        }
+    )*};
+}
+
+from_f64!(
+    f16 => f16_slice_from_f64,
+    bf16 => bf16_slice_from_f64,
+    f32 => f32_slice_from_f64,
+    f64 => f64_slice_from_f64
+);
 
 /// `values` into `out` (nothing to round), NaN made canonical ([`f64::NAN`]).
 #[inline(always)]
