@@ -42,12 +42,12 @@ impl FloatBuf {
     /// A zeroed buffer of `n` elements of a float `dtype`; `None` for other dtypes.
     ///
     /// The memory comes zeroed from the allocator (fresh pages for large buffers, zeroed
-    /// by the kernel when first written), not filled element by element: for f16 and bf16
-    /// the zeros are made as `u16` (which `vec!` allocates zeroed) and reinterpreted.
+    /// by the kernel when first written), not filled element by element (`vec![f16::ZERO;
+    /// n]` is a `memset`: 4–5% of a mean's time).
     pub fn zeros(dtype: DType, n: usize) -> Option<Self> {
         Some(match dtype {
-            DType::F16 => FloatBuf::F16(bytemuck::allocation::cast_vec(vec![0u16; n])),
-            DType::BF16 => FloatBuf::BF16(bytemuck::allocation::cast_vec(vec![0u16; n])),
+            DType::F16 => FloatBuf::F16(bytemuck::zeroed_vec(n)),
+            DType::BF16 => FloatBuf::BF16(bytemuck::zeroed_vec(n)),
             DType::F32 => FloatBuf::F32(vec![0.0; n]),
             DType::F64 => FloatBuf::F64(vec![0.0; n]),
             _ => return None,

@@ -311,16 +311,14 @@ fn f16_in_registers<'a, 'b, const K: usize>(
     };
     let whole = sources.iter().fold(acc.len(), |n, s| n.min(s.len() / 2)) / 8 * 8;
     let (head, rest) = acc.split_at_mut(whole);
-    // Plain loops, not `array::map`: its closure is compiled outside `simd`'s
-    // target-feature function, where the widening instruction cannot be inlined.
-    let mut rows = sources.map(|s| s[..2 * whole].chunks_exact(16));
+    // Each source's first `whole` values as groups of eight (16 bytes).
+    let groups = sources.map(|s| s[..2 * whole].as_chunks::<16>().0);
+    // Plain loops inside, not `array::map`: its closure would be compiled outside
+    // `simd`'s target-feature function, where the widening cannot be inlined.
     let mut x = [[0f64; 8]; K];
-    for s in head.chunks_exact_mut(8) {
-        for (x, row) in x.iter_mut().zip(&mut rows) {
-            // Every row has a chunk for every group of eight (`whole` is their minimum).
-            if let Some(h) = row.next().and_then(|h| h.first_chunk::<16>()) {
-                *x = widen.widen(h);
-            }
+    for (i, s) in head.chunks_exact_mut(8).enumerate() {
+        for (x, g) in x.iter_mut().zip(&groups) {
+            *x = widen.widen(&g[i]);
         }
         for (l, s) in s.iter_mut().enumerate() {
             let mut lane = [0f64; K];
@@ -729,6 +727,33 @@ mod tests {
         let mut acc = [7.0f64; 8];
         zip_values4(DType::F16, [&bytes; 4], &mut acc, false, |a, x| a + x);
         assert_eq!(acc, [11.0, 11.0, 11.0, 11.0, 11.0, 7.0, 7.0, 7.0]);
+
+        // Past one group of eight (widened in registers where the CPU can, the rest on
+        // the stack), sources of different lengths, each value in its own lane.
+        let counting = |n: usize| -> Vec<u8> {
+            (1..=n)
+                .flat_map(|i| f16::from_f64(i as f64).to_bits().to_le_bytes())
+                .collect()
+        };
+        let mut acc = [100.0f64; 16];
+        zip_values(DType::F16, &counting(13), &mut acc, |a, x| *a += x);
+        let want: Vec<f64> = (1..=16)
+            .map(|i| if i <= 13 { 100.0 + i as f64 } else { 100.0 })
+            .collect();
+        assert_eq!(acc.to_vec(), want);
+        let (a, b, c, d) = (counting(13), counting(16), counting(20), counting(9));
+        let mut acc = [100.0f64; 16];
+        zip_values4(DType::F16, [&a, &b, &c, &d], &mut acc, false, |s, x| s + x);
+        let want: Vec<f64> = (1..=16)
+            .map(|i| {
+                if i <= 9 {
+                    100.0 + 4.0 * i as f64
+                } else {
+                    100.0
+                }
+            })
+            .collect();
+        assert_eq!(acc.to_vec(), want);
     }
 
     /// Values on, between and next to every 16-bit float: each one itself, the midpoint to
