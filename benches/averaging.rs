@@ -18,8 +18,10 @@
 //! - `look-ahead` and `add`: one `mean_into(Some(c))` and one `add`, the per-step costs
 //!   of ASWA for one checkpoint.
 //!
-//! - `reference`: a vectorisable kernel with the same arithmetic (see `reference_mean`),
-//!   not the tool's code: the headroom. Its output is compared bit for bit with `mean`.
+//! - `reference`: a straightforward kernel with the same arithmetic (see `reference_mean`),
+//!   not the tool's code, compiled for the baseline instruction set. Its output is compared
+//!   bit for bit with `mean` (`check`); it was written to show the headroom, and since the
+//!   tool's kernels run at the CPU's vector level it is the slower one.
 //! - `to f32`: converting every tensor of one checkpoint to f32 (`storage::dtype::to_f32`),
 //!   what binding a bf16 or f16 checkpoint to an f32 ONNX model costs per candidate.
 //!
