@@ -32,7 +32,9 @@ use crate::scoring::{
 };
 use crate::storage::writer::{shard_paths, write_safetensors, write_sharded, TensorOut};
 use crate::storage::CheckpointSet;
-use crate::strategies::{self, Context, Direction, Merged, Outcome, Strategy, StrategyParams};
+use crate::strategies::{
+    self, Context, Direction, Merged, Outcome, Strategy, StrategyParams, SumMode,
+};
 
 /// The baseline a result must beat for `--require-gain`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -168,12 +170,34 @@ pub fn run(cfg: &MergeConfig) -> Result<RunOutcome> {
         }
     };
     let p = prepare(cfg, &say)?;
+    let mut cfg = cfg.clone();
+    cfg.params.aswa_sum = aswa_sum(&cfg, &p.set, &say);
+    let cfg = &cfg;
     // The checkpoints are hashed for provenance while they are scored; the hashes are
     // joined before the first file is written.
     std::thread::scope(|scope| {
         let hashing = scope.spawn(|| digests(&p.set));
         execute(cfg, &say, &p, hashing)
     })
+}
+
+/// `--aswa-sum` resolved for `set` once per run (`auto`: by the memory available now),
+/// saying so when `auto` gives up the sum.
+fn aswa_sum(cfg: &MergeConfig, set: &CheckpointSet, say: &dyn Fn(&str)) -> SumMode {
+    let (mode, sum) = (cfg.params.aswa_sum, SumMode::sum_bytes(set));
+    let available = crate::reporting::available_memory_bytes();
+    let resolved = mode.resolve(sum, available);
+    if cfg.strategies.iter().any(|s| s == "aswa") && mode != resolved {
+        if let Some(free) = available {
+            say(&format!(
+                "note: ASWA re-reads the ensemble's members for each look-ahead: a float64 sum \
+                 would take {} of the {} available (--aswa-sum keep keeps it anyway)",
+                human(sum),
+                human(free)
+            ));
+        }
+    }
+    resolved
 }
 
 /// Everything after the checks: scoring, strategies, gates, writing.
@@ -912,9 +936,12 @@ pub fn plan(cfg: &MergeConfig) -> Result<Plan> {
     // Checkpoint pages: the one being read (streaming averages read a bounded window of
     // several at once, less than one model for all but small models).
     let mapped = set.model_bytes() as u64;
-    // ASWA: an f64 sum, the ensemble and the look-ahead; the others: their result.
+    // ASWA: an f64 sum (unless it re-reads), the ensemble and the look-ahead; the others:
+    // their result.
+    let aswa_sum = aswa_sum(cfg, set, &say);
     let per_strategy = |name: &str| -> u64 {
         match name {
+            "aswa" if aswa_sum == SumMode::Reread => 2 * float_bytes,
             "aswa" => 8 * float_params as u64 + 2 * float_bytes,
             // The soup and the trial with one more member.
             "greedy-soup" => 2 * float_bytes,

@@ -496,6 +496,22 @@ fn shard(src: &std::path::Path, folder: &std::path::Path) {
 }
 
 #[test]
+fn rereading_the_members_gives_the_bits_of_the_running_sum() {
+    // `--aswa-sum reread` keeps no float64 sum: each look-ahead is averaged again from
+    // its members, in the same order, so the steps and the weights are the reference's.
+    for kind in ["digits", "digits_f16", "digits_bf16"] {
+        let run = Run::new();
+        let mut args = digits_args();
+        args.extend(["--aswa-sum".to_string(), "reread".to_string()]);
+        let report = run.ok(&format!("{kind}/checkpoints"), &strs(&args));
+        let expected = fixture(&format!("{kind}/expected/aswa_accuracy"));
+        let json = read_json(&expected.with_extension("json"));
+        assert_matches_reference(&report, &json, SCORE_TOL);
+        assert_weights_match(&run.out(), &expected.with_extension("safetensors"));
+    }
+}
+
+#[test]
 fn help_explains_every_flag() {
     let out = cmd()
         .arg("--help")
@@ -517,6 +533,7 @@ fn help_explains_every_flag() {
         "--batch-size",
         "--glob",
         "--accept-ties",
+        "--aswa-sum",
         "--allow-constant",
         "--threads",
         "--ort-lib",

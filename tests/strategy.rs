@@ -6,7 +6,7 @@ use std::path::Path;
 use aswa_merge::averaging::Candidate;
 use aswa_merge::scoring::{ScoreCache, Scorer};
 use aswa_merge::storage::{CheckpointSet, CheckpointSource};
-use aswa_merge::strategies::{aswa, AswaOptions, Decision, Direction};
+use aswa_merge::strategies::{aswa, AswaOptions, Decision, Direction, SumMode};
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
 
@@ -40,6 +40,9 @@ fn checkpoints(dir: &Path, weights: &[f64]) -> CheckpointSet {
     CheckpointSet::open(sources).unwrap()
 }
 
+/// ASWA over checkpoints with these weights, with the running sum and by re-reading the
+/// members: both must give the same steps, scores, calls and weights (compared here);
+/// returns the decisions, the members, the score and the scorer's calls.
 fn run(
     weights: &[f64],
     f: impl Fn(f64) -> f64,
@@ -48,26 +51,35 @@ fn run(
 ) -> (Vec<Decision>, Vec<usize>, f64, usize) {
     let dir = tempfile::tempdir().unwrap();
     let set = checkpoints(dir.path(), weights);
-    let mut scorer = ByWeight { f, calls: 0 };
-    let (merged, steps) = {
-        let mut cache = ScoreCache::new(&mut scorer);
-        aswa(
-            &set,
-            &mut cache,
-            AswaOptions {
-                direction: Direction { higher_is_better },
-                accept_ties,
-            },
-            &mut |_| {},
-        )
-        .unwrap()
-    };
-    (
-        steps.iter().map(|s| s.decision).collect(),
-        merged.members,
-        merged.score,
-        scorer.calls,
-    )
+    let mut outcomes = Vec::new();
+    for sum in [SumMode::Keep, SumMode::Reread] {
+        let mut scorer = ByWeight { f: &f, calls: 0 };
+        let (merged, steps) = {
+            let mut cache = ScoreCache::new(&mut scorer);
+            aswa(
+                &set,
+                &mut cache,
+                AswaOptions {
+                    direction: Direction { higher_is_better },
+                    accept_ties,
+                    sum,
+                },
+                &mut |_| {},
+            )
+            .unwrap()
+        };
+        let bytes = merged.candidate().tensor_bytes(&set, 0).to_vec();
+        outcomes.push((
+            steps.iter().map(|s| s.decision).collect::<Vec<_>>(),
+            merged.members,
+            merged.score.to_bits(),
+            scorer.calls,
+            bytes,
+        ));
+    }
+    assert_eq!(outcomes[0], outcomes[1], "keep and reread disagree");
+    let (decisions, members, score, calls, _) = outcomes.swap_remove(0);
+    (decisions, members, f64::from_bits(score), calls)
 }
 
 use Decision::*;

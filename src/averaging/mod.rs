@@ -138,11 +138,17 @@ impl Weights {
     /// most one group's window of checkpoint pages is resident at a time.
     pub fn build(set: &CheckpointSet, recipe: Recipe<'_>) -> Self {
         let mut out = Weights::new(set);
+        out.fill(set, recipe);
+        out
+    }
+
+    /// [`Weights::build`] into these buffers (shaped for `set`), which it overwrites.
+    pub fn fill(&mut self, set: &CheckpointSet, recipe: Recipe<'_>) {
         let members = match recipe {
             Recipe::Mean(m) | Recipe::Ema(m, _) => m,
         };
         assert!(!members.is_empty(), "a model needs at least one checkpoint");
-        for (t, buf) in out.bufs.iter_mut().enumerate() {
+        for (t, buf) in self.bufs.iter_mut().enumerate() {
             let Some(buf) = buf else { continue };
             let job = BuildJob {
                 set,
@@ -158,8 +164,7 @@ impl Weights {
                 FloatBuf::F64(o) => job.run(o),
             }
         }
-        out.int_source = members.iter().copied().max().unwrap_or(0);
-        out
+        self.int_source = members.iter().copied().max().unwrap_or(0);
     }
 }
 

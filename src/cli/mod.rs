@@ -216,6 +216,15 @@ pub struct CommonArgs {
     #[arg(long)]
     pub accept_ties: bool,
 
+    /// ASWA: how look-aheads are formed. keep = a float64 running sum of the ensemble's
+    /// members (8 bytes per parameter, 4× an f16 model; each step reads one checkpoint);
+    /// reread = no sum: each look-ahead re-reads every member (memory: the ensemble and the
+    /// look-ahead in the checkpoints' dtype; time grows with the ensemble); auto = keep
+    /// unless the sum would take more than half of the available memory. Both give the
+    /// same bits.
+    #[arg(long, value_name = "MODE", default_value = "auto")]
+    pub aswa_sum: crate::strategies::SumMode,
+
     /// SWA: first member at index floor(F · N) of the N checkpoints (default 0.75).
     #[arg(long, value_name = "F", default_value_t = 0.75)]
     pub swa_start: f64,
@@ -389,6 +398,7 @@ impl CommonArgs {
             strategies,
             params: StrategyParams {
                 accept_ties: self.accept_ties,
+                aswa_sum: self.aswa_sum,
                 swa_start: self.swa_start,
                 swa_start_at: self.swa_start_at,
                 swa_every: self.swa_every as usize,

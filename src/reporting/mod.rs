@@ -89,10 +89,66 @@ pub struct Report {
 /// The process's peak resident memory in bytes (`VmHWM` of `/proc/self/status`), where
 /// the system reports it.
 pub fn peak_rss_bytes() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kib: u64 = line
-        .trim_start_matches("VmHWM:")
+    proc_kib("/proc/self/status", "VmHWM:")
+}
+
+/// The memory available for new allocations, in bytes: the system's `MemAvailable`
+/// (`/proc/meminfo`), or less where this process's control group (a container's memory
+/// limit, v1 or v2) leaves less; `None` where neither says.
+pub fn available_memory_bytes() -> Option<u64> {
+    let system = proc_kib("/proc/meminfo", "MemAvailable:");
+    match (system, cgroup_free_bytes()) {
+        (Some(s), Some(c)) => Some(s.min(c)),
+        (s, c) => s.or(c),
+    }
+}
+
+/// What this process's memory control group has left under its limit (limit − usage),
+/// from `/proc/self/cgroup` and the cgroup file system (v2 `memory.max`/`memory.current`,
+/// v1 `memory.limit_in_bytes`/`memory.usage_in_bytes`; the group's own folder, or the
+/// root where a container shows its group as the root); `None` without a limit.
+fn cgroup_free_bytes() -> Option<u64> {
+    let groups = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    for line in groups.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (Some(_), Some(controllers), Some(path)) = (parts.next(), parts.next(), parts.next())
+        else {
+            continue;
+        };
+        let (base, limit, usage) = if controllers.is_empty() {
+            ("/sys/fs/cgroup", "memory.max", "memory.current")
+        } else if controllers.split(',').any(|c| c == "memory") {
+            (
+                "/sys/fs/cgroup/memory",
+                "memory.limit_in_bytes",
+                "memory.usage_in_bytes",
+            )
+        } else {
+            continue;
+        };
+        let base = std::path::Path::new(base);
+        for dir in [base.join(path.trim_start_matches('/')), base.to_path_buf()] {
+            let read = |file: &str| -> Option<u64> {
+                std::fs::read_to_string(dir.join(file))
+                    .ok()?
+                    .trim()
+                    .parse()
+                    .ok()
+            };
+            // v2 writes `max` for no limit, which does not parse.
+            if let (Some(limit), Some(usage)) = (read(limit), read(usage)) {
+                return Some(limit.saturating_sub(usage));
+            }
+        }
+    }
+    None
+}
+
+/// The value of the line `key … kB` of a Linux `/proc` file, in bytes.
+fn proc_kib(path: &str, key: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let line = text.lines().find(|l| l.starts_with(key))?;
+    let kib: u64 = line[key.len()..]
         .trim()
         .trim_end_matches("kB")
         .trim()
@@ -323,4 +379,21 @@ pub fn compare_row(r: &StrategyReport, with_test: bool) -> String {
         row += &format!(" {:>10}", r.test_score.map_or("-".into(), format_score));
     }
     row + &format!(" {:>8.2}", r.seconds)
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn linux_says_how_much_memory_there_is_and_was_used() {
+        let total = proc_kib("/proc/meminfo", "MemTotal:").expect("MemTotal");
+        let available = available_memory_bytes().expect("MemAvailable");
+        assert!(
+            0 < available && available <= total,
+            "{available} of {total}"
+        );
+        let peak = peak_rss_bytes().expect("VmHWM");
+        assert!(0 < peak && peak <= total, "{peak} of {total}");
+    }
 }

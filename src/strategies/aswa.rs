@@ -10,11 +10,17 @@
 //! 4. Else reject.
 //!
 //! "Better" follows the metric's direction; NaN is never better (see [`Direction`]).
+//!
+//! The ensemble is the mean of its members. A look-ahead is formed from a float64 running
+//! sum of the members ([`SumMode::Keep`]: 8 bytes per parameter, one checkpoint read per
+//! step) or by re-reading every member ([`SumMode::Reread`]: no sum, for models whose sum
+//! would not fit in memory). Both add the same values in the same order and divide once,
+//! so they give the same bits.
 
 use serde::Serialize;
 
 use super::{Direction, Merged};
-use crate::averaging::{Accumulator, Candidate, Weights};
+use crate::averaging::{Accumulator, Candidate, Recipe, Weights};
 use crate::error::Result;
 use crate::scoring::{CandidateKey, ScoreCache};
 use crate::storage::CheckpointSet;
@@ -25,6 +31,120 @@ pub struct AswaOptions {
     pub direction: Direction,
     /// Accept a soft update whose look-ahead ties the ensemble.
     pub accept_ties: bool,
+    /// How look-aheads are formed ([`SumMode::Auto`] is resolved when the run starts).
+    pub sum: SumMode,
+}
+
+/// `--aswa-sum`: how ASWA forms its look-aheads (the same bits either way).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SumMode {
+    /// [`SumMode::Keep`] unless the sum would take more than half of the memory the
+    /// system reports available, then [`SumMode::Reread`].
+    #[default]
+    Auto,
+    /// A float64 running sum of the members: 8 bytes per float parameter; each step reads
+    /// its checkpoint once.
+    Keep,
+    /// No sum: each look-ahead re-reads every member (time grows with the ensemble).
+    Reread,
+}
+
+impl std::str::FromStr for SumMode {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "keep" => Ok(Self::Keep),
+            "reread" => Ok(Self::Reread),
+            _ => Err(format!("`{s}`: expected auto, keep or reread")),
+        }
+    }
+}
+
+impl SumMode {
+    /// Its name, as the option spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Keep => "keep",
+            Self::Reread => "reread",
+        }
+    }
+
+    /// [`SumMode::Keep`] or [`SumMode::Reread`] for a sum of `sum_bytes`, given the
+    /// memory the system reports available (`None`: unknown, keep).
+    pub fn resolve(self, sum_bytes: u64, available: Option<u64>) -> SumMode {
+        match (self, available) {
+            (Self::Auto, Some(free)) if sum_bytes > free / 2 => Self::Reread,
+            (Self::Auto, _) => Self::Keep,
+            (mode, _) => mode,
+        }
+    }
+
+    /// Bytes of the float64 sum for `set`.
+    pub fn sum_bytes(set: &CheckpointSet) -> u64 {
+        let params: usize = set
+            .specs()
+            .iter()
+            .filter(|s| s.dtype.is_float())
+            .map(|s| s.numel())
+            .sum();
+        8 * params as u64
+    }
+}
+
+/// ASWA's ensemble: its members, and what forms means of them.
+enum Ensemble {
+    /// A float64 running sum of the members ([`SumMode::Keep`]).
+    Summed(Accumulator),
+    /// The members alone ([`SumMode::Reread`]).
+    Members(Vec<usize>),
+}
+
+impl Ensemble {
+    fn new(set: &CheckpointSet, mode: SumMode) -> Self {
+        match mode.resolve(
+            SumMode::sum_bytes(set),
+            crate::reporting::available_memory_bytes(),
+        ) {
+            SumMode::Reread => Self::Members(Vec::new()),
+            _ => Self::Summed(Accumulator::new(set)),
+        }
+    }
+
+    fn members(&self) -> &[usize] {
+        match self {
+            Self::Summed(acc) => acc.members(),
+            Self::Members(m) => m,
+        }
+    }
+
+    /// Makes checkpoint `c` the only member.
+    fn reset(&mut self, set: &CheckpointSet, c: usize) {
+        match self {
+            Self::Summed(acc) => acc.reset(set, c),
+            Self::Members(m) => *m = vec![c],
+        }
+    }
+
+    /// Adds checkpoint `c` as a member.
+    fn add(&mut self, set: &CheckpointSet, c: usize) {
+        match self {
+            Self::Summed(acc) => acc.add(set, c),
+            Self::Members(m) => m.push(c),
+        }
+    }
+
+    /// The mean of the members, and of `extra` too if given, into `out`.
+    fn mean_into(&self, set: &CheckpointSet, extra: Option<usize>, out: &mut Weights) {
+        match self {
+            Self::Summed(acc) => acc.mean_into(set, extra, out),
+            Self::Members(m) => {
+                let all: Vec<usize> = m.iter().copied().chain(extra).collect();
+                out.fill(set, Recipe::Mean(&all));
+            }
+        }
+    }
 }
 
 /// What ASWA did with a checkpoint.
@@ -71,7 +191,7 @@ pub fn aswa(
     on_step: &mut dyn FnMut(&Step),
 ) -> Result<(Merged, Vec<Step>)> {
     let dir = options.direction;
-    let mut acc = Accumulator::new(set);
+    let mut acc = Ensemble::new(set, options.sum);
     let mut ensemble = Weights::new(set);
     let mut lookahead = Weights::new(set);
     let mut steps = Vec::with_capacity(set.len());
@@ -160,8 +280,38 @@ impl super::Strategy for Aswa {
         let options = AswaOptions {
             direction: ctx.direction,
             accept_ties: self.0.accept_ties,
+            sum: self.0.aswa_sum,
         };
         let (merged, steps) = aswa(ctx.set, ctx.cache, options, ctx.on_step)?;
         Ok(super::Outcome { merged, steps })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::SumMode;
+
+    #[test]
+    fn auto_keeps_the_sum_unless_it_would_take_over_half_the_available_memory() {
+        let gib = 1u64 << 30;
+        assert_eq!(
+            SumMode::Auto.resolve(4 * gib, Some(16 * gib)),
+            SumMode::Keep
+        );
+        assert_eq!(
+            SumMode::Auto.resolve(8 * gib, Some(16 * gib)),
+            SumMode::Keep
+        );
+        assert_eq!(
+            SumMode::Auto.resolve(8 * gib + 1, Some(16 * gib)),
+            SumMode::Reread
+        );
+        // Unknown memory: keep, as before there was a choice.
+        assert_eq!(SumMode::Auto.resolve(u64::MAX, None), SumMode::Keep);
+        // An explicit mode is never overridden.
+        assert_eq!(SumMode::Keep.resolve(u64::MAX, Some(gib)), SumMode::Keep);
+        assert_eq!(SumMode::Reread.resolve(1, Some(u64::MAX)), SumMode::Reread);
+        assert_eq!("reread".parse(), Ok(SumMode::Reread));
+        assert!("sum".parse::<SumMode>().is_err());
     }
 }

@@ -19,7 +19,7 @@ use crate::error::{Error, Result};
 use crate::scoring::{CandidateKey, ScoreCache};
 use crate::storage::CheckpointSet;
 
-pub use aswa::{aswa, AswaOptions, Decision, Step};
+pub use aswa::{aswa, AswaOptions, Decision, Step, SumMode};
 
 /// Every strategy name, in the order `compare` runs and prints them.
 pub const ALL: [&str; 8] = [
@@ -101,6 +101,8 @@ impl Merged {
 pub struct StrategyParams {
     /// ASWA: accept a soft update whose look-ahead ties the ensemble.
     pub accept_ties: bool,
+    /// ASWA: how look-aheads are formed.
+    pub aswa_sum: SumMode,
     /// SWA: first member at index floor(swa_start · N).
     pub swa_start: f64,
     /// SWA: first member is the checkpoint with this number (overrides `swa_start`).
@@ -121,6 +123,7 @@ impl Default for StrategyParams {
     fn default() -> Self {
         Self {
             accept_ties: false,
+            aswa_sum: SumMode::Auto,
             swa_start: 0.75,
             swa_start_at: None,
             swa_every: 1,
