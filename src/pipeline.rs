@@ -187,7 +187,8 @@ fn aswa_sum(cfg: &MergeConfig, set: &CheckpointSet, say: &dyn Fn(&str)) -> SumMo
     let (mode, sum) = (cfg.params.aswa_sum, SumMode::sum_bytes(set));
     let available = crate::reporting::available_memory_bytes();
     let resolved = mode.resolve(sum, available);
-    if cfg.strategies.iter().any(|s| s == "aswa") && mode != resolved {
+    let switched = mode == SumMode::Auto && resolved == SumMode::Reread;
+    if cfg.strategies.iter().any(|s| s == "aswa") && switched {
         if let Some(free) = available {
             say(&format!(
                 "note: ASWA re-reads the ensemble's members for each look-ahead: a float64 sum \
@@ -1003,6 +1004,17 @@ pub fn plan(cfg: &MergeConfig) -> Result<Plan> {
             WeightsAs::Constants => "constants (a session per candidate)",
         }
     ));
+    if cfg.strategies.iter().any(|s| s == "aswa") {
+        say(&match aswa_sum {
+            SumMode::Reread => {
+                "      aswa: no float64 sum; each look-ahead re-reads its members".into()
+            }
+            _ => format!(
+                "      aswa: a float64 running sum of the members ({})",
+                human(SumMode::sum_bytes(set))
+            ),
+        });
+    }
     say(&format!(
         "      predicted peak memory {} (plus ONNX Runtime's working memory); nothing scored or written",
         human(plan.predicted_peak_bytes)

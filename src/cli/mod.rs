@@ -220,8 +220,8 @@ pub struct CommonArgs {
     /// members (8 bytes per parameter, 4× an f16 model; each step reads one checkpoint);
     /// reread = no sum: each look-ahead re-reads every member (memory: the ensemble and the
     /// look-ahead in the checkpoints' dtype; time grows with the ensemble); auto = keep
-    /// unless the sum would take more than half of the available memory. Both give the
-    /// same bits.
+    /// unless the sum and the ensemble's buffers would take more than half of the available
+    /// memory (a container's limit counted). Both give the same bits.
     #[arg(long, value_name = "MODE", default_value = "auto")]
     pub aswa_sum: crate::strategies::SumMode,
 

@@ -103,45 +103,66 @@ pub fn available_memory_bytes() -> Option<u64> {
     }
 }
 
-/// What this process's memory control group has left under its limit (limit − usage),
-/// from `/proc/self/cgroup` and the cgroup file system (v2 `memory.max`/`memory.current`,
-/// v1 `memory.limit_in_bytes`/`memory.usage_in_bytes`; the group's own folder, or the
-/// root where a container shows its group as the root); `None` without a limit.
+/// What this process's memory control groups leave under their limits.
 fn cgroup_free_bytes() -> Option<u64> {
     let groups = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    cgroup_free_in(std::path::Path::new("/sys/fs/cgroup"), &groups)
+}
+
+/// What the memory control groups of `groups` (the text of `/proc/self/cgroup`) leave
+/// under their limits, in the cgroup file system at `root`: the least of limit − usage
+/// over the group and its ancestors (the root alone where a container shows its group as
+/// the root), usage not counting inactive file cache, which the kernel reclaims before it
+/// fails an allocation. v2: `memory.max`, `memory.current`, `inactive_file`; v1: the
+/// `memory` controller's `memory.limit_in_bytes`, `memory.usage_in_bytes`,
+/// `total_inactive_file`. `None` without a limit.
+fn cgroup_free_in(root: &std::path::Path, groups: &str) -> Option<u64> {
+    let mut least: Option<u64> = None;
     for line in groups.lines() {
         let mut parts = line.splitn(3, ':');
         let (Some(_), Some(controllers), Some(path)) = (parts.next(), parts.next(), parts.next())
         else {
             continue;
         };
-        let (base, limit, usage) = if controllers.is_empty() {
-            ("/sys/fs/cgroup", "memory.max", "memory.current")
-        } else if controllers.split(',').any(|c| c == "memory") {
+        let (base, limit, usage, inactive) = if controllers.is_empty() {
             (
-                "/sys/fs/cgroup/memory",
-                "memory.limit_in_bytes",
-                "memory.usage_in_bytes",
+                root.to_path_buf(),
+                "memory.max",
+                "memory.current",
+                "inactive_file ",
+            )
+        } else if controllers.split(',').any(|c| c == "memory") {
+            let files = ("memory.limit_in_bytes", "memory.usage_in_bytes");
+            (
+                root.join("memory"),
+                files.0,
+                files.1,
+                "total_inactive_file ",
             )
         } else {
             continue;
         };
-        let base = std::path::Path::new(base);
-        for dir in [base.join(path.trim_start_matches('/')), base.to_path_buf()] {
-            let read = |file: &str| -> Option<u64> {
-                std::fs::read_to_string(dir.join(file))
-                    .ok()?
-                    .trim()
-                    .parse()
-                    .ok()
-            };
+        let mut dir = base.join(path.trim_start_matches('/'));
+        loop {
+            let text = |file: &str| std::fs::read_to_string(dir.join(file)).ok();
+            let number = |file: &str| -> Option<u64> { text(file)?.trim().parse().ok() };
             // v2 writes `max` for no limit, which does not parse.
-            if let (Some(limit), Some(usage)) = (read(limit), read(usage)) {
-                return Some(limit.saturating_sub(usage));
+            if let (Some(limit), Some(used)) = (number(limit), number(usage)) {
+                let cache: u64 = text("memory.stat")
+                    .and_then(|stat| {
+                        let line = stat.lines().find_map(|l| l.strip_prefix(inactive))?;
+                        line.trim().parse().ok()
+                    })
+                    .unwrap_or(0);
+                let free = limit.saturating_sub(used.saturating_sub(cache));
+                least = Some(least.map_or(free, |l| l.min(free)));
+            }
+            if dir == base || !dir.pop() || !dir.starts_with(&base) {
+                break;
             }
         }
     }
-    None
+    least
 }
 
 /// The value of the line `key … kB` of a Linux `/proc` file, in bytes.
@@ -389,11 +410,61 @@ mod tests {
     fn linux_says_how_much_memory_there_is_and_was_used() {
         let total = proc_kib("/proc/meminfo", "MemTotal:").expect("MemTotal");
         let available = available_memory_bytes().expect("MemAvailable");
-        assert!(
-            0 < available && available <= total,
-            "{available} of {total}"
-        );
+        assert!(available <= total, "{available} of {total}");
         let peak = peak_rss_bytes().expect("VmHWM");
         assert!(0 < peak && peak <= total, "{peak} of {total}");
+    }
+
+    /// Writes `files` (name, text) into folder `dir` under `root`.
+    fn group(root: &std::path::Path, dir: &str, files: &[(&str, String)]) {
+        let dir = root.join(dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        for (name, text) in files {
+            std::fs::write(dir.join(name), text).unwrap();
+        }
+    }
+
+    #[test]
+    fn cgroup_limits_v1_and_v2_ancestors_and_file_cache() {
+        let gib = 1u64 << 30;
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        let n = |v: u64| v.to_string();
+        // v2: a 4 GiB limit on the parent, none on the group itself; 3 GiB used, 1 GiB
+        // of it inactive file cache: 2 GiB left.
+        let stat = format!("anon 5\ninactive_file {gib}\nactive_file 7\n");
+        let parent = [
+            ("memory.max", n(4 * gib)),
+            ("memory.current", n(3 * gib)),
+            ("memory.stat", stat),
+        ];
+        group(root, "slice", &parent);
+        let job = [
+            ("memory.max", "max\n".to_string()),
+            ("memory.current", n(3 * gib)),
+        ];
+        group(root, "slice/job", &job);
+        assert_eq!(cgroup_free_in(root, "0::/slice/job\n"), Some(2 * gib));
+        // No limit anywhere on the way: none.
+        assert_eq!(cgroup_free_in(root, "0::/elsewhere\n"), None);
+        // v1: the memory controller's own hierarchy, in a container that shows "/".
+        let v1 = [
+            ("memory.limit_in_bytes", n(8 * gib)),
+            ("memory.usage_in_bytes", n(gib)),
+            ("memory.stat", "total_inactive_file 0\n".to_string()),
+        ];
+        group(root, "memory", &v1);
+        assert_eq!(
+            cgroup_free_in(root, "12:pids:/\n4:cpu,memory:/\n"),
+            Some(7 * gib)
+        );
+        // Usage over the limit, garbage and missing files: nothing panics.
+        let over = [
+            ("memory.limit_in_bytes", "10".to_string()),
+            ("memory.usage_in_bytes", "99".to_string()),
+        ];
+        group(root, "memory/over", &over);
+        assert_eq!(cgroup_free_in(root, "4:memory:/over"), Some(0));
+        assert_eq!(cgroup_free_in(root, "garbage\n::\n4:memory"), None);
     }
 }

@@ -38,8 +38,8 @@ pub struct AswaOptions {
 /// `--aswa-sum`: how ASWA forms its look-aheads (the same bits either way).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum SumMode {
-    /// [`SumMode::Keep`] unless the sum would take more than half of the memory the
-    /// system reports available, then [`SumMode::Reread`].
+    /// [`SumMode::Keep`] unless the sum and ASWA's buffers would take more than half of
+    /// the memory available ([`SumMode::resolve`]), then [`SumMode::Reread`].
     #[default]
     Auto,
     /// A float64 running sum of the members: 8 bytes per float parameter; each step reads
@@ -71,11 +71,14 @@ impl SumMode {
         }
     }
 
-    /// [`SumMode::Keep`] or [`SumMode::Reread`] for a sum of `sum_bytes`, given the
-    /// memory the system reports available (`None`: unknown, keep).
+    /// [`SumMode::Keep`] or [`SumMode::Reread`] for a float64 sum of `sum_bytes`, given
+    /// the memory the system reports available (`None`: unknown, keep). `auto` keeps the
+    /// sum while it and ASWA's two model buffers (the ensemble and the look-ahead, together
+    /// at most as large as the sum) take at most half of the memory available, leaving the
+    /// rest to ONNX Runtime, its copies of the weights and the validation data.
     pub fn resolve(self, sum_bytes: u64, available: Option<u64>) -> SumMode {
         match (self, available) {
-            (Self::Auto, Some(free)) if sum_bytes > free / 2 => Self::Reread,
+            (Self::Auto, Some(free)) if sum_bytes.saturating_mul(2) > free / 2 => Self::Reread,
             (Self::Auto, _) => Self::Keep,
             (mode, _) => mode,
         }
@@ -292,20 +295,13 @@ mod tests {
     use super::SumMode;
 
     #[test]
-    fn auto_keeps_the_sum_unless_it_would_take_over_half_the_available_memory() {
+    fn auto_keeps_the_sum_while_it_and_the_buffers_take_at_most_half_the_memory() {
         let gib = 1u64 << 30;
-        assert_eq!(
-            SumMode::Auto.resolve(4 * gib, Some(16 * gib)),
-            SumMode::Keep
-        );
-        assert_eq!(
-            SumMode::Auto.resolve(8 * gib, Some(16 * gib)),
-            SumMode::Keep
-        );
-        assert_eq!(
-            SumMode::Auto.resolve(8 * gib + 1, Some(16 * gib)),
-            SumMode::Reread
-        );
+        // The sum and two buffers at most its size: twice the sum within half of it.
+        let auto = |sum, free| SumMode::Auto.resolve(sum, Some(free));
+        assert_eq!(auto(2 * gib, 16 * gib), SumMode::Keep);
+        assert_eq!(auto(4 * gib, 16 * gib), SumMode::Keep);
+        assert_eq!(auto(4 * gib + 1, 16 * gib), SumMode::Reread);
         // Unknown memory: keep, as before there was a choice.
         assert_eq!(SumMode::Auto.resolve(u64::MAX, None), SumMode::Keep);
         // An explicit mode is never overridden.
