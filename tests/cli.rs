@@ -511,28 +511,23 @@ fn rereading_the_members_gives_the_bits_of_the_running_sum() {
     }
     // The default (auto) keeps the sum for a model this small and says nothing of it; a
     // dry run says which form it plans.
-    let out = cmd()
-        .arg(fixture("digits/checkpoints"))
-        .args(strs(&digits_args()))
-        .args(["-o", Run::new().out().to_str().unwrap(), "--dry-run"])
-        .assert()
-        .success()
-        .get_output()
-        .stderr
-        .clone();
-    let said = String::from_utf8(out).unwrap();
+    let dry_run = |extra: &[&str]| {
+        let out = cmd()
+            .arg(fixture("digits/checkpoints"))
+            .args(strs(&digits_args()))
+            .arg("--dry-run")
+            .args(extra)
+            .assert()
+            .success()
+            .get_output()
+            .stderr
+            .clone();
+        String::from_utf8(out).unwrap()
+    };
+    let said = dry_run(&[]);
     assert!(!said.contains("re-read"), "{said}");
     assert!(said.contains("aswa: a float64 running sum"), "{said}");
-    let out = cmd()
-        .arg(fixture("digits/checkpoints"))
-        .args(strs(&digits_args()))
-        .args(["--aswa-sum", "reread", "--dry-run"])
-        .assert()
-        .success()
-        .get_output()
-        .stderr
-        .clone();
-    let said = String::from_utf8(out).unwrap();
+    let said = dry_run(&["--aswa-sum", "reread"]);
     assert!(
         said.contains("each look-ahead re-reads its members"),
         "{said}"
