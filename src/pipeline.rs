@@ -939,11 +939,11 @@ pub fn plan(cfg: &MergeConfig) -> Result<Plan> {
     let mapped = set.model_bytes() as u64;
     // ASWA: an f64 sum (unless it re-reads), the ensemble and the look-ahead; the others:
     // their result.
-    let aswa_sum = aswa_sum(cfg, set, &say);
+    let (aswa_sum, sum_bytes) = (aswa_sum(cfg, set, &say), SumMode::sum_bytes(set));
     let per_strategy = |name: &str| -> u64 {
         match name {
             "aswa" if aswa_sum == SumMode::Reread => 2 * float_bytes,
-            "aswa" => 8 * float_params as u64 + 2 * float_bytes,
+            "aswa" => sum_bytes + 2 * float_bytes,
             // The soup and the trial with one more member.
             "greedy-soup" => 2 * float_bytes,
             _ => float_bytes,
@@ -1011,7 +1011,7 @@ pub fn plan(cfg: &MergeConfig) -> Result<Plan> {
             }
             _ => format!(
                 "      aswa: a float64 running sum of the members ({})",
-                human(SumMode::sum_bytes(set))
+                human(sum_bytes)
             ),
         });
     }

@@ -62,15 +62,6 @@ impl std::str::FromStr for SumMode {
 }
 
 impl SumMode {
-    /// Its name, as the option spells it.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Auto => "auto",
-            Self::Keep => "keep",
-            Self::Reread => "reread",
-        }
-    }
-
     /// [`SumMode::Keep`] or [`SumMode::Reread`] for a float64 sum of `sum_bytes`, given
     /// the memory the system reports available (`None`: unknown, keep). `auto` keeps the
     /// sum while it and ASWA's two model buffers (the ensemble and the look-ahead, together
@@ -105,11 +96,17 @@ enum Ensemble {
 }
 
 impl Ensemble {
+    /// The ensemble `mode` asks for; `auto` (already resolved when the pipeline calls)
+    /// is resolved here for callers of [`aswa`] that pass it.
     fn new(set: &CheckpointSet, mode: SumMode) -> Self {
-        match mode.resolve(
-            SumMode::sum_bytes(set),
-            crate::reporting::available_memory_bytes(),
-        ) {
+        let mode = match mode {
+            SumMode::Auto => mode.resolve(
+                SumMode::sum_bytes(set),
+                crate::reporting::available_memory_bytes(),
+            ),
+            chosen => chosen,
+        };
+        match mode {
             SumMode::Reread => Self::Members(Vec::new()),
             _ => Self::Summed(Accumulator::new(set)),
         }
